@@ -18,9 +18,21 @@ def depthwise_conv1d(x, weight, bias=None, causal=True, activation="silu", backe
         fused = cuda_kernel(backend, x, "causal_conv1d", "causal_conv1d_fn")
         if fused is not None:
             return fused(x, weight.squeeze(1), bias, activation=activation)
-        out = F.conv1d(x, weight, bias, padding=width - 1, groups=x.shape[1])[..., :length]
+        padded = F.pad(x, (width - 1, 0))
     else:
         if width % 2 == 0:
             raise ValueError(f"a centred convolution needs an odd width, got {width}")
-        out = F.conv1d(x, weight, bias, padding=width // 2, groups=x.shape[1])
+        padded = F.pad(x, (width // 2, width // 2))
+    out = _shifted_sum(padded, weight[:, 0], length)
+    if bias is not None:
+        out = out + bias[:, None]
     return F.silu(out) if activation == "silu" else out
+
+
+def _shifted_sum(padded, taps, length):
+    """sum_k taps[:, k] * padded[..., k:k+length]: a depthwise convolution as `width` multiply-adds,
+    much faster on CPU than a grouped ``F.conv1d`` for the small widths used here."""
+    out = padded[..., :length] * taps[:, :1]
+    for k in range(1, taps.shape[1]):
+        out = out + padded[..., k:k + length] * taps[:, k:k + 1]
+    return out

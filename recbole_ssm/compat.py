@@ -1,0 +1,191 @@
+"""The fixes that let RecBole 1.2.1 run on today's Python, NumPy and PyTorch, in one place.
+
+:func:`apply` (called by ``import recbole_ssm``) makes four targeted changes to RecBole, each one
+covered by ``tests/test_compat.py``:
+
+1. NumPy 2: ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and friends; NumPy 2
+   removed ``np.float_``, so every ``Config(...)`` failed. It now sets only the aliases that the
+   installed NumPy lacks, to the same types as before.
+2. No ray: ``recbole.quick_start`` imports ``ray.tune`` at module level, although only RecBole's
+   hyper-parameter tuning uses it, and ray <= 2.6.3 (RecBole's pin) has no wheel for Python >= 3.12.
+   Without ray, ``recbole.quick_start`` is imported with a stand-in whose use raises a clear error.
+3. PyTorch >= 2.6 loads checkpoints with ``weights_only=True``, which refuses RecBole's own
+   checkpoints (they pickle the ``Config`` with protocol 4). RecBole's three loading sites
+   (``Trainer.resume_checkpoint``, ``Trainer.evaluate`` and ``load_data_and_model``) now unpickle
+   with an allow-list: tensors, RecBole's config and enums, recommender classes, NumPy scalars.
+   Anything else, such as a pickled callable, is refused with :class:`UnsafeCheckpointError`.
+   ``weights_only`` stays the default for every other ``torch.load``.
+4. ray 2.6.3's ``pkg_resources`` deprecation warning is silenced (setuptools < 81 is pinned where
+   ray is installed, because setuptools 81 removed ``pkg_resources``).
+"""
+import contextlib
+import enum
+import functools
+import importlib
+import importlib.util
+import pickle
+import sys
+import types
+import warnings
+
+import numpy as np
+import torch
+
+# NumPy aliases that RecBole expects, and the types RecBole assigned to them.
+NUMPY_ALIASES = {
+    "bool": "bool_", "int": "int_", "float": "float64", "complex": "complex128",
+    "object": "object_", "str": "str_", "long": "int_", "unicode": "str_",
+}
+
+# Globals a RecBole checkpoint may reference, besides RecBole enums and recommender classes.
+CHECKPOINT_GLOBALS = frozenset({
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("torch", "device"),
+    ("torch", "Size"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("recbole.config.configurator", "Config"),
+    ("yaml.loader", "FullLoader"),
+})
+RECOMMENDER_MODULES = ("recbole.model.", "recbole_ssm.models.")
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint references something that is not part of a RecBole checkpoint."""
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in CHECKPOINT_GLOBALS:
+            return super().find_class(module, name)
+        if module == "recbole.utils.enum_type" or module.startswith(RECOMMENDER_MODULES):
+            found = super().find_class(module, name)
+            if _is_checkpoint_type(found):
+                return found
+        raise UnsafeCheckpointError(
+            f"refusing to load this checkpoint: it references {module}.{name}, which is not part "
+            "of a RecBole checkpoint (tensors, RecBole's Config and enums, recommender classes). "
+            "A checkpoint can run arbitrary code when unpickled; if you trust this file, load it "
+            "yourself with torch.load(path, weights_only=False)."
+        )
+
+
+def _is_checkpoint_type(found):
+    from recbole.model.abstract_recommender import AbstractRecommender
+
+    return isinstance(found, type) and (
+        issubclass(found, enum.Enum) or issubclass(found, AbstractRecommender))
+
+
+# torch.load's pickle_module: the standard pickle module with the restricted Unpickler.
+checkpoint_pickle = types.SimpleNamespace(
+    __name__=__name__ + ".checkpoint_pickle",
+    Unpickler=_CheckpointUnpickler,
+    load=lambda file, **kwargs: _CheckpointUnpickler(file, **kwargs).load(),
+)
+
+
+def load_checkpoint(path, map_location=None):
+    """Load a RecBole checkpoint (``.pth`` written by RecBole's trainer) with the allow-list."""
+    return torch.load(path, map_location=map_location, weights_only=False,
+                      pickle_module=checkpoint_pickle)
+
+
+@contextlib.contextmanager
+def recbole_checkpoint_loading():
+    """Within this block, a plain ``torch.load(f[, map_location])`` uses :func:`load_checkpoint`.
+
+    Calls that pass ``weights_only`` or ``pickle_module`` are left as they are.
+    """
+    torch_load = torch.load
+
+    def load(f, map_location=None, *args, **kwargs):
+        if args or kwargs.keys() & {"weights_only", "pickle_module"}:
+            return torch_load(f, map_location, *args, **kwargs)
+        return load_checkpoint(f, map_location)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = torch_load
+
+
+def _loads_recbole_checkpoints(function):
+    if getattr(function, "__wrapped_by_recbole_ssm__", False):
+        return function
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with recbole_checkpoint_loading():
+            return function(*args, **kwargs)
+
+    wrapper.__wrapped_by_recbole_ssm__ = True
+    return wrapper
+
+
+def set_numpy_aliases(config=None):
+    """RecBole's ``Config.compatibility_settings``, for NumPy 1 and 2: add only the missing aliases."""
+    for alias, target in NUMPY_ALIASES.items():
+        if alias not in np.__dict__:
+            setattr(np, alias, getattr(np, target))
+
+
+class _MissingRay:
+    """Stands in for ``ray.<name>`` when ray is not installed; any use raises ImportError."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def _fail(self, *args, **kwargs):
+        raise ImportError(
+            f"ray.{self._name} is needed only for RecBole's hyper-parameter tuning, and ray is not "
+            "installed (RecBole pins ray<=2.6.3, which has no wheel for Python >= 3.12). Training "
+            "and evaluation do not need it; for tuning, use Python 3.11 with 'pip install ray==2.6.3'."
+        )
+
+    __call__ = _fail
+
+    def __getattr__(self, attribute):
+        self._fail()
+
+
+def _import_quick_start():
+    """Import ``recbole.quick_start``; without ray, under a stand-in that is removed afterwards."""
+    if "recbole.quick_start" in sys.modules or importlib.util.find_spec("ray") is not None:
+        return importlib.import_module("recbole.quick_start")
+    stand_in = types.ModuleType("ray")
+    stand_in.__getattr__ = _MissingRay
+    sys.modules["ray"] = stand_in
+    try:
+        return importlib.import_module("recbole.quick_start")
+    finally:
+        del sys.modules["ray"]
+
+
+def apply():
+    """Apply the fixes above; idempotent."""
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+    from recbole.config.configurator import Config
+
+    Config.compatibility_settings = set_numpy_aliases
+    set_numpy_aliases()
+
+    quick_start = _import_quick_start()
+    from recbole.quick_start import quick_start as quick_start_module
+    from recbole.trainer.trainer import Trainer
+
+    Trainer.resume_checkpoint = _loads_recbole_checkpoints(Trainer.resume_checkpoint)
+    Trainer.evaluate = _loads_recbole_checkpoints(Trainer.evaluate)
+    wrapped = _loads_recbole_checkpoints(quick_start_module.load_data_and_model)
+    quick_start_module.load_data_and_model = quick_start.load_data_and_model = wrapped

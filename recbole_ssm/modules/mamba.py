@@ -1,0 +1,74 @@
+"""The Mamba-1 block (Gu & Dao 2023, arXiv 2312.00752) with the parameters of ``mamba_ssm.Mamba``.
+
+Parameter names and shapes match ``mamba_ssm.modules.mamba_simple.Mamba``, so a state dict moves
+between this module and mamba-ssm's unchanged; the scan and the convolution run through
+:mod:`recbole_ssm.ops`, which picks mamba-ssm's fused kernels or our pure-PyTorch path.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from recbole_ssm.ops.backend import check_backend
+from recbole_ssm.ops.conv import depthwise_conv1d
+from recbole_ssm.ops.selective_scan import selective_scan
+
+
+def inverse_softplus(x):
+    """The y with softplus(y) = x, for x > 0."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def sample_time_steps(size, dt_min, dt_max, dt_floor):
+    """Step sizes drawn log-uniformly in [dt_min, dt_max], clamped below at dt_floor (mamba-ssm's init)."""
+    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return dt.clamp(min=dt_floor)
+
+
+class MambaBlock(nn.Module):
+    """Selective SSM block: in_proj -> causal conv -> selective scan (gated by z) -> out_proj.
+
+    forward(hidden_states (batch, length, d_model), mask (batch, length) bool or None)
+        -> (batch, length, d_model). The block is causal; ``mask`` (True on real items) zeroes
+        padded inputs, which for right-padded sequences never reach a real position anyway.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
+                 dt_max=0.1, dt_init_floor=1e-4, conv_bias=True, bias=False, backend="auto"):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.backend = check_backend(backend)
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inverse_softplus(
+                sample_time_steps(self.d_inner, dt_min, dt_max, dt_init_floor)))
+        # S4D-real initialisation: A[d, n] = -(n + 1)
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))                     # (d_inner, d_state)
+        self.D = nn.Parameter(torch.ones(self.d_inner))             # (d_inner,)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def forward(self, hidden_states, mask=None):
+        if mask is not None:
+            hidden_states = hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
+        x = depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias, causal=True,
+                             activation="silu", backend=self.backend)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)     # (b, l, r), (b, l, n), (b, l, n)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)      # (b, d_inner, l), bias in the scan
+        y = selective_scan(
+            x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+            self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            backend=self.backend,
+        )                                                           # (b, d_inner, l)
+        return self.out_proj(y.transpose(1, 2))

@@ -1,0 +1,102 @@
+"""Mamba-1 selective scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces", arXiv 2312.00752), as a pure-PyTorch chunked scan and behind the mamba-ssm kernel.
+
+For every channel d and state n the recurrence is
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,     y_t = <h_t, C_t> + D * u_t,
+
+with an optional output gate y_t * silu(z_t).
+
+The pure-PyTorch path is a two-level scan. The sequence is cut into chunks of T steps; first the
+recurrence runs over the T positions of a chunk for all chunks at once, each chunk starting from a
+zero state; then the chunk-end states are carried across chunks, and each position adds the carried
+state, decayed to it, to its output. With T = ceil(sqrt(length)) that is about 3 * sqrt(length)
+vectorised steps instead of length, with the same arithmetic as the plain recurrence. Only decays
+in [0, 1] are ever formed, so the scan is exact and stable for any step size (a log-space cumulative
+sum is not: it overflows once a chunk's total decay leaves the float range).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from recbole_ssm.ops.backend import cuda_kernel
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   backend="auto", chunk_size=None):
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature and layout.
+
+    u, delta, z: (batch, d, length); A: (d, n); B, C: (batch, n, length); D, delta_bias: (d,).
+    Returns y: (batch, d, length) in u's dtype. ``chunk_size`` (pure-PyTorch path only) defaults to
+    ceil(sqrt(length)).
+    """
+    fused = cuda_kernel(backend, u, "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+    if fused is not None:
+        return fused(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         chunk_size=None):
+    """Pure-PyTorch selective scan; same arguments as :func:`selective_scan`."""
+    out_dtype = u.dtype
+    dtype = torch.promote_types(u.dtype, torch.float32)  # at least float32, float64 stays float64
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    y = _chunked_scan(u, delta, A, B, C, chunk_size)
+    if D is not None:
+        y = y + u * D.to(dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(out_dtype)
+
+
+def _chunked_scan(u, delta, A, B, C, chunk_size):
+    """y_t = <h_t, C_t> of the recurrence above, from h_0 = 0. Shapes as in :func:`selective_scan`."""
+    batch, d, length = u.shape
+    if length == 0:
+        return u.new_zeros(batch, d, 0)
+    steps = chunk_size or math.isqrt(length - 1) + 1
+    if steps < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunks = -(-length // steps)
+    pad = chunks * steps - length  # padded steps have delta = 0: the identity map, no output used
+
+    def by_step(x):  # (batch, c, length) -> (steps, batch, c, chunks), each step contiguous
+        return F.pad(x, (0, pad)).unflatten(-1, (chunks, steps)).permute(3, 0, 1, 2).contiguous()
+
+    # Per-step slices come from unbind(), whose backward is one stack; indexing x[j] in a loop
+    # would allocate a full-size zero gradient for every j.
+    delta_s = by_step(delta)                                             # (T, b, d, chunks)
+    u_steps, delta_steps = by_step(u).unbind(0), delta_s.unbind(0)       # T x (b, d, chunks)
+    B_steps = by_step(B).transpose(-1, -2).unsqueeze(2).unbind(0)        # T x (b, 1, chunks, n)
+    C_steps = by_step(C).transpose(-1, -2).unsqueeze(2).unbind(0)        # T x (b, 1, chunks, n)
+    A = A[:, None, :]                                                    # (d, 1, n)
+
+    # 1. Inside every chunk, from a zero state.
+    state = u.new_zeros(batch, d, chunks, A.shape[-1])                  # (b, d, chunks, n)
+    local_out = []
+    for delta_j, u_j, B_j, C_j in zip(delta_steps, u_steps, B_steps, C_steps):
+        delta_j = delta_j.unsqueeze(-1)
+        state = torch.exp(delta_j * A) * state + (delta_j * u_j.unsqueeze(-1)) * B_j
+        local_out.append((state * C_j).sum(-1))                          # (b, d, chunks)
+
+    # 2. Carry the chunk-end states across chunks: carried[c] is the true state before chunk c.
+    chunk_decays = torch.exp(delta_s.sum(0).unsqueeze(-1) * A).unbind(2)  # chunks x (b, d, n)
+    carry = u.new_zeros(batch, d, A.shape[-1])
+    carried = []
+    for chunk_decay, chunk_state in zip(chunk_decays, state.unbind(2)):
+        carried.append(carry)
+        carry = chunk_decay * carry + chunk_state
+    carried = torch.stack(carried, dim=2)                                # (b, d, chunks, n)
+
+    # 3. Each position adds the carried state, decayed from its chunk's start.
+    out = [
+        local + (torch.exp(decay.unsqueeze(-1) * A) * carried * C_j).sum(-1)
+        for local, decay, C_j in zip(local_out, delta_s.cumsum(0).unbind(0), C_steps)
+    ]
+    return torch.stack(out, dim=-1).flatten(-2)[..., :length]            # (b, d, length)
