@@ -147,3 +147,12 @@ def test_shape_errors():
     x, dt, A, B, C, D = make_inputs()
     with pytest.raises(ValueError, match="chunk_size"):
         ssd_scan_torch(x, dt, A, B, C, 0)
+
+
+def test_backend_choice():
+    x, dt, A, B, C, D = make_inputs()
+    torch.testing.assert_close(ssd_scan(x, dt, A, B, C, 3, D=D), ssd_scan_torch(x, dt, A, B, C, 3, D=D))  # auto, CPU
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ssd_scan(x, dt, A, B, C, 3, backend="cuda")
+    with pytest.raises(ValueError, match="unknown ssm backend"):
+        ssd_scan(x, dt, A, B, C, 3, backend="triton")
