@@ -1,0 +1,52 @@
+"""Gated RMSNorm, as mamba-ssm's ``RMSNormGated`` (``mamba_ssm.ops.triton.layernorm_gated.RMSNorm``).
+
+Used before the output projection of Mamba-2 (Dao & Gu 2024) and Hydra (Hwang et al. 2024). Same
+parameter (``weight``, (d,)) and options, so checkpoints move between the two.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from recbole_ssm.ops.backend import check_backend, cuda_kernel
+
+
+class RMSNormGated(nn.Module):
+    """RMSNorm over groups of ``group_size`` features (all ``d`` when None), gated by silu(z).
+
+    norm_before_gate=True:  y = rmsnorm(x) * weight * silu(z);
+    norm_before_gate=False: y = rmsnorm(x * silu(z)) * weight.
+    Without z, plain RMSNorm. Computed in float32 at least, returned in x's dtype.
+    """
+
+    def __init__(self, d, eps=1e-5, group_size=None, norm_before_gate=True, backend="auto"):
+        super().__init__()
+        group_size = d if group_size is None else group_size
+        if d % group_size != 0:
+            raise ValueError(f"group_size ({group_size}) must divide the normalised size ({d})")
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.backend = check_backend(backend)
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x, z=None):
+        """x, z: (..., d). Returns (..., d)."""
+        fused = cuda_kernel(self.backend, x, "mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn")
+        if fused is not None:
+            return fused(x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size,
+                         norm_before_gate=self.norm_before_gate)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        y = x.to(dtype)
+        gate = None if z is None else F.silu(z.to(dtype))
+        if gate is not None and not self.norm_before_gate:
+            y = y * gate
+        groups = y.unflatten(-1, (-1, self.group_size))  # (..., d // group_size, group_size)
+        y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        y = y * self.weight.to(dtype)
+        if gate is not None and self.norm_before_gate:
+            y = y * gate
+        return y.to(x.dtype)
+
+    def extra_repr(self):
+        return (f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}, "
+                f"norm_before_gate={self.norm_before_gate}")

@@ -1,0 +1,91 @@
+"""What the Mamba-2 block (Dao & Gu 2024) and the Hydra block (Hwang et al. 2024) share.
+
+Both project the input into [z, x, B, C, dt], convolve [x, B, C] depthwise along the sequence, run SSD
+scans with a scalar decay A per head, normalise the result gated by z, and project it back. Hydra has
+two directions: twice the B, C channels and twice the dt channels of Mamba-2.
+Parameter names, shapes and initialisation follow mamba-ssm's ``Mamba2`` and goombalab/hydra's ``Hydra``.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from recbole_ssm.modules.norm import RMSNormGated
+from recbole_ssm.ops.backend import check_backend
+from recbole_ssm.ops.conv import depthwise_conv1d
+
+# Initial time steps, sampled log-uniformly in [DT_MIN, DT_MAX], floored at DT_INIT_FLOOR (as mamba-ssm).
+DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+def init_dt_bias(nheads):
+    """dt_bias such that softplus(dt_bias) is a log-uniform sample of [DT_MIN, DT_MAX]: (nheads,)."""
+    log_dt = torch.rand(nheads) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+    dt = torch.exp(log_dt).clamp(min=DT_INIT_FLOOR)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+class SSDBlockBase(nn.Module):
+    """Parameters and the projections around the scan; subclasses implement ``forward``.
+
+    ``directions``: 1 (Mamba-2) or 2 (Hydra); ``causal``: causal (left-padded) convolution, else centred;
+    ``A_init_range``: A = -exp(A_log) starts uniform in this range; ``norm_group_size`` and
+    ``norm_before_gate``: options of the gated RMSNorm.
+    """
+
+    def __init__(self, d_model, d_state, d_conv, expand, headdim, ngroups, chunk_size, backend, *,
+                 directions, causal, A_init_range, norm_group_size, norm_before_gate):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % headdim != 0:
+            raise ValueError(f"headdim ({headdim}) must divide expand * d_model = {expand} * {d_model} = {d_inner}")
+        nheads = d_inner // headdim
+        if nheads % ngroups != 0:
+            raise ValueError(f"ngroups ({ngroups}) must divide the number of heads, "
+                             f"expand * d_model / headdim = {nheads}")
+        if not causal and d_conv % 2 == 0:
+            raise ValueError(f"a centred convolution needs an odd d_conv, got {d_conv}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner, self.headdim, self.nheads, self.ngroups = d_inner, headdim, nheads, ngroups
+        self.chunk_size, self.backend = chunk_size, check_backend(backend)
+        self.directions, self.causal = directions, causal
+
+        bc_dim = directions * 2 * ngroups * d_state  # [B, C] per direction
+        conv_dim = d_inner + bc_dim
+        # Order: [z, x, (B, C) per direction, dt per direction]
+        self.in_proj = nn.Linear(d_model, d_inner + conv_dim + directions * nheads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, bias=True,
+                                padding=d_conv - 1 if causal else d_conv // 2)
+        self.dt_bias = nn.Parameter(init_dt_bias(nheads))
+        self.A_log = nn.Parameter(torch.empty(nheads).uniform_(*A_init_range).log())
+        self.D = nn.Parameter(torch.ones(nheads))
+        self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=norm_group_size, norm_before_gate=norm_before_gate,
+                                 backend=backend)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+    def project(self, hidden_states, mask=None):
+        """Input projection and convolution.
+
+        hidden_states: (b, l, d_model); mask: (b, l) bool or None (True = real position), zeroes the
+        convolution's input at padded positions. Returns z (b, l, d_inner); xBC (b, l, d_inner + bc_dim)
+        after convolution and SiLU; dt (b, l, directions, nheads) after softplus(dt + dt_bias).
+        """
+        z, xBC, dt = torch.split(self.in_proj(hidden_states),
+                                 [self.d_inner, self.conv1d.in_channels, self.directions * self.nheads], dim=-1)
+        if mask is not None:
+            xBC = xBC.masked_fill(~mask.unsqueeze(-1), 0)
+        xBC = depthwise_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, causal=self.causal,
+                               activation="silu", backend=self.backend).transpose(1, 2)
+        dt = F.softplus(dt.unflatten(-1, (self.directions, self.nheads)) + self.dt_bias)
+        return z, xBC, dt
+
+    def A(self):
+        """The decay rates, -exp(A_log), in float32 at least: (nheads,)."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
+    def output(self, y, z):
+        """Gated norm and output projection: y (b, l, nheads, headdim), z (b, l, d_inner) -> (b, l, d_model)."""
+        return self.out_proj(self.norm(y.flatten(-2), z))

@@ -1,0 +1,96 @@
+"""Hydra's mixer against the materialised quasiseparable matrix; padding; gradients."""
+import pytest
+import torch
+
+from recbole_ssm.ops.hydra import hydra_mixer
+
+F64 = torch.float64
+
+
+def make_inputs(b=2, l=6, h=4, p=3, g=2, n=5, seed=0, data_dependent_D=True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=F64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    return dict(
+        x=randn(b, l, h, p), dt_fwd=rand(b, l, h) + 0.05, dt_bwd=rand(b, l, h) + 0.05, A=-(rand(h) * 2 + 0.1),
+        B_fwd=randn(b, l, g, n), C_fwd=randn(b, l, g, n), B_bwd=randn(b, l, g, n), C_bwd=randn(b, l, g, n),
+        D=randn(b, l, h) if data_dependent_D else randn(h),
+    )
+
+
+def heads(BC, h):
+    """(b, l, g, n) -> (b, l, h, n): head i reads group i // (h // g)."""
+    g = BC.shape[2]
+    return torch.stack([BC[:, :, i // (h // g)] for i in range(h)], dim=2)
+
+
+def quasiseparable(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D):
+    """y = Q x, per head, with Q built entry by entry:
+    below the diagonal, the forward semiseparable matrix shifted down one row;
+    above it, the backward one shifted up one row; on it, D."""
+    b, l, h, p = x.shape
+    Bf, Cf, Bb, Cb = (heads(t, h) for t in (B_fwd, C_fwd, B_bwd, C_bwd))
+    D = D.expand(b, l, h)
+    Q = torch.zeros(b, h, l, l, dtype=F64)
+    for t in range(l):
+        for s in range(l):
+            if s < t:
+                decay = torch.exp(dt_fwd[:, s + 1:t].sum(1) * A)
+                Q[:, :, t, s] = (Cf[:, t - 1] * Bf[:, s]).sum(-1) * decay * dt_fwd[:, s]
+            elif s > t:
+                decay = torch.exp(dt_bwd[:, t + 1:s].sum(1) * A)
+                Q[:, :, t, s] = (Cb[:, t + 1] * Bb[:, s]).sum(-1) * decay * dt_bwd[:, s]
+            else:
+                Q[:, :, t, t] = D[:, t]
+    return torch.einsum("bhts,bshp->bthp", Q, x)
+
+
+@pytest.mark.parametrize("l, chunk_size, g, data_dependent_D", [
+    (6, 2, 2, True), (7, 3, 1, True), (5, 16, 4, False), (1, 4, 2, True),
+])
+def test_matches_quasiseparable_matrix(l, chunk_size, g, data_dependent_D):
+    inputs = make_inputs(l=l, g=g, data_dependent_D=data_dependent_D)
+    y = hydra_mixer(**inputs, chunk_size=chunk_size, backend="torch")
+    assert y.shape == inputs["x"].shape and y.dtype == F64
+    torch.testing.assert_close(y, quasiseparable(**inputs), rtol=0, atol=1e-10)
+
+
+def test_padding_invariance():
+    """Positions appended with mask False change nothing at the real ones; their outputs are 0."""
+    real = make_inputs(b=1, l=5)
+    y_real = hydra_mixer(**real, chunk_size=2)
+    for pad in (1, 3, 8):
+        padded = make_inputs(b=1, l=5 + pad, seed=1)  # random, large junk at the padded positions
+        for name, value in real.items():
+            if value.dim() > 1:
+                padded[name][:, :5] = value
+        padded["A"] = real["A"]
+        mask = torch.arange(5 + pad).unsqueeze(0) < 5
+        y = hydra_mixer(**padded, chunk_size=2, mask=mask)
+        torch.testing.assert_close(y[:, :5], y_real, rtol=0, atol=1e-10)
+        assert (y[:, 5:] == 0).all()
+
+
+def test_mask_matches_matrix_on_the_real_part():
+    inputs = make_inputs(b=2, l=7)
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    y = hydra_mixer(**inputs, chunk_size=3, mask=mask)
+    short = {k: (v[1:, :3] if v.dim() > 1 else v) for k, v in inputs.items()}
+    torch.testing.assert_close(y[1, :3], quasiseparable(**short)[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(y[0], quasiseparable(**inputs)[0], rtol=0, atol=1e-10)
+
+
+def test_gradcheck():
+    inputs = make_inputs(b=1, l=4, h=2, p=2, g=1, n=2)
+    names = list(inputs)
+    mask = torch.tensor([[True, True, True, False]])
+
+    def f(*args):
+        return hydra_mixer(**dict(zip(names, args)), chunk_size=2, mask=mask)
+
+    assert torch.autograd.gradcheck(f, [v.requires_grad_() for v in inputs.values()])
