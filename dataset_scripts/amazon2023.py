@@ -48,7 +48,7 @@ def load_json_object(raw):
     try:
         record = json.loads(raw.rstrip(b"\r\n"))
     except json.JSONDecodeError as err:
-        raise BadLine(f"invalid JSON ({err.msg} at column {err.colno})") from None
+        raise BadLine(f"invalid JSON ({err.msg}: column {err.colno})") from None
     except ValueError as err:  # UnicodeDecodeError
         raise BadLine(f"invalid JSON ({err})") from None
     if not isinstance(record, dict):
