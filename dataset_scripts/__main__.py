@@ -61,10 +61,15 @@ def build_parser():
         description="Write OUT_DIR/NAME/NAME.inter (and NAME.item with --meta) from an "
         "Amazon Reviews'23 category.",
     )
-    amazon.add_argument("--reviews", required=True, metavar="FILE",
-                        help="review file, .jsonl or .jsonl.gz (e.g. Beauty_and_Personal_Care.jsonl.gz)")
-    amazon.add_argument("--meta", metavar="FILE",
-                        help="item metadata file, .jsonl or .jsonl.gz (e.g. meta_Beauty_and_Personal_Care.jsonl.gz)")
+    amazon.add_argument(
+        "--reviews", required=True, metavar="FILE",
+        help="review file, .jsonl or .jsonl.gz (e.g. Beauty_and_Personal_Care.jsonl.gz)",
+    )
+    amazon.add_argument(
+        "--meta", metavar="FILE",
+        help="item metadata file, .jsonl or .jsonl.gz (e.g. meta_Beauty_and_Personal_Care.jsonl.gz); "
+        "without it no .item file is written",
+    )
     amazon.add_argument("--name", required=True,
                         help="dataset name, e.g. amazon-beauty or amazon-video-games")
     _add_common_options(amazon)

@@ -61,6 +61,8 @@ def required_id(record, name):
     value = record.get(name)
     if value is None:
         raise BadLine(f"missing field {name!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadLine(f"field {name!r} is not a string: {value!r}")
     value = clean_text(value)
     if not value:
         raise BadLine(f"empty field {name!r}")

@@ -112,6 +112,8 @@ def parse_integer(value, name):
         if not number.is_integer():
             raise BadLine(f"{name} {value!r} is not a whole number")
         number = int(number)
+    if not -(2**63) <= number < 2**63:
+        raise BadLine(f"{name} {value!r} is out of range")
     return number
 
 

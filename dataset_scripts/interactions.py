@@ -121,9 +121,6 @@ class InteractionLog:
         self._user_present = None
         self._item_present = None
 
-    def __len__(self):
-        return len(self._users) if self._rows is None else len(self._rows[0])
-
     def add(self, user, item, rating, timestamp):
         """Record one interaction (ids are strings, ``timestamp`` an int in the log's unit)."""
         user_index = self.user_index.get(user)
@@ -207,5 +204,7 @@ class InteractionLog:
                 ratings[start:stop].tolist(),
                 times[start:stop].tolist(),
             ):
-                writer.write((user_names[user], item_names[item], rating_text[rating], format_time(time)))
+                writer.write(
+                    (user_names[user], item_names[item], rating_text[rating], format_time(time))
+                )
         return writer.rows

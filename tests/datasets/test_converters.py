@@ -278,6 +278,8 @@ def test_ml1m_bad_rating_lines(write_ml1m, tmp_path, bad_line, reason):
         (json.dumps({"parent_asin": "P2", "rating": 1, "timestamp": 1}), "missing field 'user_id'"),
         (review("U1", "P2", 4.0, "yesterday"), "non-numeric timestamp 'yesterday'"),
         (review("U1", "P2", "good", 1600000000000), "non-numeric rating 'good'"),
+        (review("U1", "P2", 4.0, 1e30), "timestamp 1e+30 is out of range"),
+        (review(["U1"], "P2", 4.0, 1600000000000), "field 'user_id' is not a string"),
     ],
 )
 def test_amazon_bad_review_lines(tmp_path, bad_line, reason):
