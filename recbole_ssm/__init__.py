@@ -9,9 +9,11 @@ from recbole_ssm import compat
 compat.apply()
 
 from recbole_ssm import registry  # noqa: E402  (after the fixes: registering imports RecBole)
+from recbole_ssm.models.hydra4rec import Hydra4Rec  # noqa: E402
+from recbole_ssm.models.mamba2rec import Mamba2Rec  # noqa: E402
 from recbole_ssm.models.mamba4rec import Mamba4Rec  # noqa: E402
 
 registry.register()
 
 __version__ = "0.1.0"
-__all__ = ["Mamba4Rec"]
+__all__ = ["Hydra4Rec", "Mamba2Rec", "Mamba4Rec"]

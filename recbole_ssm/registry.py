@@ -13,6 +13,8 @@ import sys
 
 MODEL_MODULES = {
     "Mamba4Rec": "recbole_ssm.models.mamba4rec",
+    "Mamba2Rec": "recbole_ssm.models.mamba2rec",
+    "Hydra4Rec": "recbole_ssm.models.hydra4rec",
 }
 _PROPERTIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties")
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny RecBole configurations and one real ml-100k load per test session."""
+import pytest
+
+import recbole_ssm  # noqa: F401  (registers our models and applies the compat fixes)
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+
+MODELS = ("Mamba4Rec", "Mamba2Rec", "Hydra4Rec")
+
+# Small enough for a 2-core CPU: a training epoch on ml-100k in seconds.
+TINY = {
+    "hidden_size": 16,
+    "d_state": 8,
+    "headdim": 8,
+    "MAX_ITEM_LIST_LENGTH": 20,
+    "train_batch_size": 256,
+    "eval_batch_size": 4096,
+    "show_progress": False,
+    "seed": 2024,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tmp_path_factory):
+    """TINY plus a checkpoint directory of this session's own."""
+    return {**TINY, "checkpoint_dir": str(tmp_path_factory.mktemp("saved"))}
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_settings):
+    """make_config(model, **overrides) -> a RecBole Config on ml-100k with the tiny settings."""
+
+    def make(model, **overrides):
+        return Config(model=model, dataset="ml-100k", config_dict={**tiny_settings, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ml100k(make_config):
+    """(dataset, train_data, valid_data, test_data) of RecBole's bundled ml-100k, split once."""
+    config = make_config("Mamba4Rec")
+    dataset = create_dataset(config)
+    return (dataset, *data_preparation(config, dataset))

@@ -1,0 +1,147 @@
+"""The three models through RecBole's API, on real ml-100k batches."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from recbole.config import Config
+from recbole.data.interaction import Interaction
+from recbole.utils import get_model
+
+import recbole_ssm
+from recbole_ssm.models.base import SSMSequentialRecommender
+from recbole_ssm.modules.hydra import HydraBlock
+from tests.conftest import MODELS
+
+
+@pytest.fixture(scope="module")
+def batch(ml100k):
+    """One training batch of real sequences (right-padded, varied lengths)."""
+    return next(iter(ml100k[1]))
+
+
+def build(make_config, ml100k, model, **overrides):
+    torch.manual_seed(0)
+    config = make_config(model, **overrides)
+    return get_model(model)(config, ml100k[1]._dataset)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_registered_with_recbole(model):
+    cls = get_model(model)
+    assert cls is getattr(recbole_ssm, model)
+    assert issubclass(cls, SSMSequentialRecommender)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_packaged_defaults(model):
+    config = Config(model=model, dataset="ml-100k")
+    assert (config["hidden_size"], config["num_layers"], config["dropout_prob"]) == (64, 1, 0.2)
+    assert (config["loss_type"], config["d_state"], config["expand"]) == ("CE", 32, 2)
+    assert config["d_conv"] == (7 if model == "Hydra4Rec" else 4)
+    assert config["ssm_backend"] == "auto"
+
+
+def test_config_precedence(tmp_path, monkeypatch):
+    """RecBole's order: packaged defaults < config files < config dict < command line."""
+    config_file = tmp_path / "exp.yaml"
+    config_file.write_text("d_state: 12\nd_conv: 3\nexpand: 3\n")
+    monkeypatch.setattr("sys.argv", ["run_recbole", "--d_conv=5"])
+    config = Config(model="Mamba4Rec", dataset="ml-100k", config_file_list=[str(config_file)],
+                    config_dict={"d_state": 10, "d_conv": 6})
+    assert config["d_state"] == 10     # dict over file
+    assert config["d_conv"] == 5       # command line over dict
+    assert config["expand"] == 3       # file over packaged default
+    assert config["hidden_size"] == 64  # packaged default
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_scores_and_ce_loss(make_config, ml100k, batch, model):
+    net = build(make_config, ml100k, model).eval()  # no dropout: scores and loss are comparable
+    scores = net.full_sort_predict(batch)
+    assert scores.shape == (len(batch), ml100k[0].item_num)
+    rows = torch.arange(len(batch))
+    items = batch[net.POS_ITEM_ID]
+    single = net.predict(Interaction({**{k: batch[k] for k in batch.columns}, net.ITEM_ID: items}))
+    torch.testing.assert_close(single, scores[rows, items], rtol=1e-5, atol=1e-5)
+
+    loss = net.calculate_loss(batch)
+    torch.testing.assert_close(loss, F.cross_entropy(net.full_sort_predict(batch), items))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_bpr_loss(make_config, ml100k, batch):
+    net = build(make_config, ml100k, "Hydra4Rec", loss_type="BPR",
+                train_neg_sample_args={"distribution": "uniform", "sample_num": 1}).eval()
+    negatives = torch.randint(1, ml100k[0].item_num, (len(batch),))
+    data = Interaction({**{k: batch[k] for k in batch.columns}, net.NEG_ITEM_ID: negatives})
+    scores = net.full_sort_predict(batch)
+    rows = torch.arange(len(batch))
+    margin = scores[rows, batch[net.POS_ITEM_ID]] - scores[rows, negatives]
+    torch.testing.assert_close(net.calculate_loss(data), -torch.log(1e-10 + torch.sigmoid(margin)).mean())
+
+
+def test_unknown_loss_type(make_config, ml100k):
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        build(make_config, ml100k, "Mamba4Rec", loss_type="MSE")
+
+
+@pytest.mark.parametrize("num_layers,residual", [(1, False), (2, True)])
+def test_residual_only_when_stacked(make_config, ml100k, num_layers, residual):
+    net = build(make_config, ml100k, "Mamba4Rec", num_layers=num_layers)
+    assert len(net.layers) == num_layers
+    assert all(layer.residual is residual for layer in net.layers)
+    assert all(layer.ffn.w_1.out_features == 4 * 16 for layer in net.layers)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_parameter_counts_printed(make_config, ml100k, model):
+    net = build(make_config, ml100k, model)
+    total = sum(p.numel() for p in net.parameters())
+    without = total - ml100k[0].item_num * 16
+    assert net.count_parameters() == total and net.count_parameters(embeddings=False) == without
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(net))  # without RecBole's colour codes
+    assert f"Trainable parameters: {total}" in text
+    assert f"Trainable parameters without embeddings: {without}" in text
+
+
+def representations(net, item_seq, item_seq_len):
+    return net.forward(item_seq, item_seq_len)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_padding_and_batch_invariance(make_config, ml100k, batch, model):
+    """Train-mode numerics with dropout off: a user's representation does not depend on how much
+    padding follows the sequence, nor on the other users in the batch."""
+    net = build(make_config, ml100k, model, dropout_prob=0.0).train()
+    item_seq, item_seq_len = batch[net.ITEM_SEQ], batch[net.ITEM_SEQ_LEN]
+    assert item_seq_len.min() < item_seq.shape[1]  # the batch really has padding
+    with torch.no_grad():
+        reference = representations(net, item_seq, item_seq_len)
+        for extra in (3, 17):
+            padded = F.pad(item_seq, (0, extra))
+            torch.testing.assert_close(representations(net, padded, item_seq_len), reference,
+                                       rtol=1e-5, atol=1e-5)
+        for row in range(0, len(item_seq), 37):  # each user alone, with no padding at all
+            length = int(item_seq_len[row])
+            alone = representations(net, item_seq[row:row + 1, :length], item_seq_len[row:row + 1])
+            torch.testing.assert_close(alone, reference[row:row + 1], rtol=1e-5, atol=1e-5)
+        half = len(item_seq) // 2
+        torch.testing.assert_close(representations(net, item_seq[half:], item_seq_len[half:]),
+                                   reference[half:], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_would_leak_into_hydra_without_the_mask():
+    """The invariance above is not vacuous: Hydra's block does see padding when it is not masked."""
+    torch.manual_seed(0)
+    block = HydraBlock(16, d_state=8, headdim=8)
+    hidden = torch.randn(4, 12, 16)
+    hidden[:, 8:] = torch.randn(16)  # padding embeds to one constant vector (LayerNorm's bias)
+    mask = (torch.arange(12) < 8).expand(4, 12)
+    with torch.no_grad():
+        masked, unmasked = block(hidden, mask), block(hidden)
+        shorter = block(hidden[:, :8])
+    torch.testing.assert_close(masked[:, :8], shorter, rtol=1e-5, atol=1e-5)
+    leak = (unmasked[:, :8] - shorter).abs().max() / shorter.abs().max()
+    assert leak > 1e-2

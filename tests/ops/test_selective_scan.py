@@ -1,0 +1,96 @@
+"""The pure-PyTorch selective scan against a step-by-step recurrence written here."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_ssm.ops.selective_scan import selective_scan, selective_scan_torch
+
+
+def recurrence(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = <h_t, C_t> + D u_t, gated by silu(z_t)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, d, length = u.shape
+    h = torch.zeros(batch, d, A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1) + (0 if D is None else D * u[:, :, t]))
+    y = torch.stack(ys, dim=-1)
+    return y if z is None else y * F.silu(z)
+
+
+def random_inputs(batch=2, d=5, n=4, length=37, dtype=torch.float64, seed=0, delta_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        u=torch.randn(batch, d, length, generator=g, dtype=dtype),
+        delta=torch.randn(batch, d, length, generator=g, dtype=dtype) * delta_scale,
+        A=-torch.rand(d, n, generator=g, dtype=dtype) * 4,
+        B=torch.randn(batch, n, length, generator=g, dtype=dtype),
+        C=torch.randn(batch, n, length, generator=g, dtype=dtype),
+        D=torch.randn(d, generator=g, dtype=dtype),
+        z=torch.randn(batch, d, length, generator=g, dtype=dtype),
+        delta_bias=torch.randn(d, generator=g, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 37, 100])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 16, 128])
+def test_matches_recurrence_in_float64(length, chunk_size):
+    inputs = random_inputs(length=length)
+    expected = recurrence(**inputs, delta_softplus=True)
+    got = selective_scan_torch(**inputs, delta_softplus=True, chunk_size=chunk_size)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_without_softplus_gate_or_skip():
+    inputs = random_inputs(length=23)
+    u, delta, A, B, C = (inputs[k] for k in ("u", "delta", "A", "B", "C"))
+    expected = recurrence(u, delta.abs(), A, B, C)
+    torch.testing.assert_close(selective_scan_torch(u, delta.abs(), A, B, C), expected, rtol=0, atol=1e-10)
+
+
+def test_causal():
+    inputs = random_inputs(length=30)
+    before = selective_scan_torch(**inputs, delta_softplus=True)
+    t = 17
+    changed = {k: v.clone() for k, v in inputs.items()}
+    for key in ("u", "delta", "B", "C", "z"):
+        changed[key][..., t + 1:] += torch.randn_like(changed[key][..., t + 1:])
+    after = selective_scan_torch(**changed, delta_softplus=True)
+    torch.testing.assert_close(after[..., :t + 1], before[..., :t + 1], rtol=0, atol=0)
+    assert not torch.allclose(after[..., t + 1:], before[..., t + 1:])
+
+
+def test_stable_for_strong_decay_in_float32():
+    # delta * A down to about -200 per step: a log-space cumulative sum would overflow float32.
+    inputs = random_inputs(length=64, delta_scale=10.0, seed=3)
+    inputs["A"] = inputs["A"] * 20
+    expected = recurrence(**inputs, delta_softplus=True)
+    got = selective_scan_torch(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck():
+    inputs = random_inputs(batch=1, d=2, n=3, length=9, seed=1)
+    names = list(inputs)
+    tensors = [inputs[k].requires_grad_() for k in names]
+
+    def scan(*args):
+        return selective_scan_torch(**dict(zip(names, args)), delta_softplus=True, chunk_size=4)
+
+    assert torch.autograd.gradcheck(scan, tensors)
+
+
+def test_dispatch_on_cpu():
+    inputs = random_inputs(length=11)
+    auto = selective_scan(**inputs, delta_softplus=True)
+    torch.testing.assert_close(auto, recurrence(**inputs, delta_softplus=True), rtol=0, atol=1e-10)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        selective_scan(**inputs, backend="cuda")
+    with pytest.raises(ValueError, match="auto, torch, cuda"):
+        selective_scan(**inputs, backend="triton")
