@@ -52,7 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed calls per measurement (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed calls before timing (default: %(default)s)")
+                        help="untimed rounds (batch, single user, train step) before memory and "
+                             "timing (default: %(default)s)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads per cell (default: torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--time-budget", type=float, default=1800,
                         help="seconds for the whole run, 0 for none (default: %(default)s); cells "
@@ -187,6 +190,8 @@ def measure_cell(spec):
     from recbole.utils import init_seed
 
     start = time.perf_counter()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     config = cell_config(spec)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
@@ -210,12 +215,15 @@ def measure_cell(spec):
         optimizer.step()
 
     result = {"n_items": n_items, **common.count_parameters(model),
-              "architecture": common.width_depth_of(config, spec["model"])}
-    # Warm up both paths once (lazy initialisation, Adam's state), then measure memory, then time.
-    model.eval()
-    infer(batch)
-    model.train()
-    train_step()
+              "architecture": common.width_depth_of(config, spec["model"]),
+              "torch_threads": torch.get_num_threads()}
+    # Warm up every path (lazy initialisation, Adam's state), then measure memory, then time.
+    for _ in range(spec["warmup"]):
+        model.eval()
+        infer(batch)
+        infer(single_user)
+        model.train()
+        train_step()
     model.eval()
     with PeakMemory(device) as inference_memory:
         infer(batch)
@@ -225,15 +233,15 @@ def measure_cell(spec):
     result["memory"] = {"inference_bytes": inference_memory.bytes, "train_bytes": train_memory.bytes,
                         "method": inference_memory.method}
 
-    repeats, warmup = spec["repeats"], spec["warmup"]
+    repeats = spec["repeats"]
     model.eval()
     result["inference_batch_ms"] = common.summarize_ms(
-        common.time_repeated(lambda: infer(batch), repeats, warmup, device))
+        common.time_repeated(lambda: infer(batch), repeats, 0, device))
     result["inference_single_ms"] = common.summarize_ms(
-        common.time_repeated(lambda: infer(single_user), repeats, warmup, device))
+        common.time_repeated(lambda: infer(single_user), repeats, 0, device))
     model.train()
     result["train_step_ms"] = common.summarize_ms(
-        common.time_repeated(train_step, repeats, warmup, device))
+        common.time_repeated(train_step, repeats, 0, device))
     result["measure_seconds"] = time.perf_counter() - start
     return result
 
@@ -293,7 +301,7 @@ def run_all(args, overrides, data_root):
                 spec = {"model": model, "length": length, "data_root": str(data_root),
                         "batch_size": args.batch_size, "hidden_size": args.hidden_size,
                         "layers": args.layers, "repeats": args.repeats, "warmup": args.warmup,
-                        "device": args.device, "overrides": overrides}
+                        "device": args.device, "threads": args.threads, "overrides": overrides}
                 start = time.monotonic()
                 status, reason, result = run_cell_subprocess(
                     spec, None if math.isinf(remaining) else remaining)
@@ -368,7 +376,8 @@ def render_markdown(report):
         f"Machine: {common.machine_line(report['machine'])}.", "",
         f"Settings: hidden size {s['hidden_size']}, {s['layers']} layers for every model; "
         f"{report['n_items']} items; batch {s['batch_size']} of full-length synthetic histories; "
-        f"{s['warmup']} warm-up then {s['repeats']} timed calls, median [quartiles]; time budget "
+        f"{s['warmup']} warm-up round(s), then {s['repeats']} timed calls, median [quartiles]; "
+        f"torch threads {s['threads'] or report['machine']['torch_threads']}; time budget "
         f"{s['time_budget'] or 'none'} s; overrides {s['overrides'] or 'none'}. Memory: {method}.",
         "", common.markdown_table(headers, rows),
     ]
@@ -464,6 +473,7 @@ def main(argv=None):
         "settings": {"models": args.models, "lengths": args.lengths, "batch_size": args.batch_size,
                      "hidden_size": args.hidden_size, "layers": args.layers,
                      "repeats": args.repeats, "warmup": args.warmup, "device": args.device,
+                     "threads": args.threads,
                      "time_budget": args.time_budget, "overrides": overrides},
         "machine": common.machine_info(args.device),
     }

@@ -31,8 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="ml-100k",
                         help="RecBole dataset name; ml-100k ships with RecBole (default: %(default)s)")
     parser.add_argument("--config-files", nargs="+", type=Path,
-                        help="YAML files with the shared settings "
-                             "(default: benchmarks/configs/<dataset>.yaml)")
+                        help="YAML files with the shared settings (default: benchmarks/configs/"
+                             "<dataset>.yaml, else yaml_configs/<dataset>.yaml)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020],
                         help="one run per seed; the report gives mean and std (default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="maximum training epochs (default: from the YAML)")
@@ -48,16 +48,22 @@ def parse_args(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="RecBole config override for every model, value in YAML "
                              "(e.g. --set MAX_ITEM_LIST_LENGTH=20); repeatable")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's default; 1 is steadier on a "
+                             "shared machine)")
     parser.add_argument("--latency-repeats", type=int, default=3,
                         help="timed passes of full_sort_predict over the test set (default: %(default)s)")
     parser.add_argument("--recbole-log", action="store_true",
                         help="also show RecBole's own logging (and write its log/ files)")
     args = parser.parse_args(argv)
     if args.config_files is None:
-        default = common.CONFIG_DIR / f"{args.dataset}.yaml"
-        if not default.exists():
-            parser.error(f"no {default}; pass --config-files for dataset {args.dataset!r}")
-        args.config_files = [default]
+        candidates = [common.CONFIG_DIR / f"{args.dataset}.yaml",
+                      common.REPO_ROOT / "yaml_configs" / f"{args.dataset}.yaml"]
+        found = [path for path in candidates if path.exists()]
+        if not found:
+            parser.error(f"no {' or '.join(map(str, candidates))}; pass --config-files for "
+                         f"dataset {args.dataset!r}")
+        args.config_files = found[:1]
     return args
 
 
@@ -285,6 +291,10 @@ def main(argv=None):
     common.check_models_registered(args.models)
     overrides = common.parse_overrides(args.overrides)
     common.device_overrides(args.device)  # fail early on a missing GPU
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = {
         "benchmark": "quality",
         "settings": {
@@ -294,6 +304,7 @@ def main(argv=None):
             "stopping_step": args.stopping_step if args.stopping_step is not None else "from YAML",
             "hidden_size": args.hidden_size, "layers": args.layers, "device": args.device,
             "overrides": overrides, "latency_repeats": args.latency_repeats,
+            "threads": args.threads,
         },
         "machine": common.machine_info(args.device),
         "runs": [],
