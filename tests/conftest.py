@@ -13,7 +13,7 @@ TINY = {
     "d_state": 8,
     "headdim": 8,
     "MAX_ITEM_LIST_LENGTH": 20,
-    "train_batch_size": 256,
+    "train_batch_size": 1024,
     "eval_batch_size": 4096,
     "show_progress": False,
     "seed": 2024,

@@ -1,0 +1,128 @@
+"""The RecBole 1.2.1 compatibility fixes of recbole_ssm.compat."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from recbole.quick_start import load_data_and_model
+from recbole.utils import get_model, get_trainer
+
+from recbole_ssm import compat
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_numpy_aliases_added_only_where_missing(monkeypatch):
+    monkeypatch.delattr(np, "float", raising=False)
+    monkeypatch.setattr(np, "str", "kept", raising=False)
+    compat.set_numpy_aliases()
+    assert np.float is np.float64  # the type RecBole's own settings assigned (np.float_)
+    assert np.str == "kept"        # an attribute NumPy (or anyone) already has is left alone
+
+
+def test_ray_and_pkg_resources_on_python_311():
+    """Where ray 2.6.3 is installed, its imports work (setuptools<81, numpy<2) and stay real."""
+    result = run_python(
+        "import recbole_ssm, ray, pkg_resources\n"
+        "from recbole.quick_start import quick_start\n"
+        "assert quick_start.tune.__name__ == 'ray.tune', quick_start.tune\n"
+        "print(ray.__version__)\n")
+    assert result.returncode == 0, result.stderr
+    assert "pkg_resources is deprecated" not in result.stderr
+
+
+def test_quick_start_without_ray():
+    """Without ray, recbole.quick_start imports, and only tuning fails, with a clear message."""
+    result = run_python(
+        "import sys\n"
+        "sys.modules['ray'] = None  # as if ray were not installed\n"
+        "import recbole_ssm\n"
+        "from recbole.quick_start import run_recbole, load_data_and_model\n"
+        "from recbole.quick_start import quick_start\n"
+        "assert 'ray' not in sys.modules  # the stand-in is gone once RecBole is imported\n"
+        "try:\n"
+        "    quick_start.tune.report(ndcg=0.1)\n"
+        "except ImportError as error:\n"
+        "    print('refused:', error)\n")
+    assert result.returncode == 0, result.stderr
+    assert "refused: ray.tune is needed only for RecBole's hyper-parameter tuning" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def trainer_and_checkpoint(make_config, ml100k):
+    """A RecBole trainer of an untrained Mamba4Rec and the checkpoint file RecBole writes for it."""
+    config = make_config("Mamba4Rec")
+    model = get_model("Mamba4Rec")(config, ml100k[1]._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer._save_checkpoint(0, verbose=False)
+    return trainer, trainer.saved_model_file
+
+
+def test_torch_refuses_recbole_checkpoints_by_default(trainer_and_checkpoint):
+    """The problem being fixed, and proof that weights_only stays on for plain torch.load."""
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(trainer_and_checkpoint[1])
+
+
+def test_recbole_checkpoints_load(trainer_and_checkpoint, ml100k):
+    trainer, checkpoint_file = trainer_and_checkpoint
+    checkpoint = compat.load_checkpoint(checkpoint_file)
+    assert checkpoint["config"]["model"] == "Mamba4Rec"
+    assert set(checkpoint["state_dict"]) == set(trainer.model.state_dict())
+    trainer.resume_checkpoint(checkpoint_file)
+    assert trainer.start_epoch == 1
+    result = trainer.evaluate(ml100k[3], load_best_model=True, model_file=checkpoint_file)
+    assert 0 <= result["ndcg@10"] <= 1
+
+
+def test_load_data_and_model(trainer_and_checkpoint):
+    trainer, checkpoint_file = trainer_and_checkpoint
+    original_load = torch.load
+    config, model, *_ = load_data_and_model(checkpoint_file)
+    assert torch.load is original_load  # the allow-list applied only inside RecBole's call
+    assert type(model) is type(trainer.model)
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+
+
+class RunsCommand:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class CallsRecBoleFunction:
+    """Unpickling this calls a function from an allowed module that is not a checkpoint type."""
+
+    def __reduce__(self):
+        from recbole.model.init import xavier_normal_initialization
+
+        return xavier_normal_initialization, (None,)
+
+
+@pytest.mark.parametrize("payload,named", [
+    (lambda marker: RunsCommand(f"touch {marker}"), "system"),
+    (lambda marker: CallsRecBoleFunction(), "recbole.model.init.xavier_normal_initialization"),
+])
+def test_crafted_checkpoint_refused(tmp_path, trainer_and_checkpoint, payload, named):
+    trainer, checkpoint_file = trainer_and_checkpoint
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pth"
+    checkpoint = compat.load_checkpoint(checkpoint_file)
+    checkpoint["other_parameter"] = payload(marker)
+    torch.save(checkpoint, crafted, pickle_protocol=4)
+    original_load = torch.load
+    for load in (compat.load_checkpoint, load_data_and_model, trainer.resume_checkpoint):
+        with pytest.raises(compat.UnsafeCheckpointError, match=f"references .*{named}"):
+            load(str(crafted))
+    assert not marker.exists()
+    assert torch.load is original_load
