@@ -246,7 +246,7 @@ def machine_info(device):
 def machine_line(info):
     """One human line describing the machine, for Markdown reports."""
     where = info.get("gpu") or f"{info['cpu']} ({info['cpus_usable']} usable cores, " \
-                               f"{info['torch_threads']} torch threads)"
+                               f"{info['memory_gib']} GiB)"
     load = info.get("load_average_1m_5m_15m")
     load_text = f", load average at start {load[0]:.1f}" if load else ""
     return (f"{where}; {info['device']}; torch {info['torch']}, RecBole {info['recbole']}, "

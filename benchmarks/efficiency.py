@@ -64,6 +64,9 @@ def parse_args(argv=None):
                         help="where the JSON, Markdown and PNG go (default: benchmarks/results)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="RecBole config override for every model, value in YAML; repeatable")
+    parser.add_argument("--from-json", type=Path, metavar="JSON",
+                        help="measure nothing: rewrite the Markdown and PNG of an earlier run's "
+                             "JSON next to it")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print its result
     args = parser.parse_args(argv)
     args.lengths = sorted(set(args.lengths))
@@ -433,14 +436,20 @@ def plot(report, path):
             axis.plot(lengths, values, "o-", color=color, label=model)
             plotted += values
             if key == "train_memory":
-                axis.plot(lengths, [METRICS["inference_memory"][1](c) for c in measured], "s--",
-                          color=color, alpha=0.7)
-        if plotted:  # guides through the smallest length's median value: O(L) and O(L^2)
+                inference = [METRICS["inference_memory"][1](c) for c in measured]
+                axis.plot(lengths, inference, "s--", color=color, alpha=0.7)
+                plotted += inference
+        if plotted:  # slope guides from the models' geometric mean at the shortest length
             lengths = s["lengths"]
-            anchor = sorted(plotted)[len(plotted) // 2]
+            first = [METRICS[key][1](c) for c in report["cells"]
+                     if c["status"] == "ok" and c["length"] == lengths[0] and METRICS[key][1](c) > 0]
+            anchor = math.exp(sum(map(math.log, first)) / len(first)) if first else min(plotted)
             for power, style in ((1, ":"), (2, "-.")):
                 axis.plot(lengths, [anchor * (length / lengths[0]) ** power for length in lengths],
                           style, color="gray", alpha=0.6, label=f"∝ L^{power}")
+            positive = [v for v in plotted if v > 0]
+            if positive:
+                axis.set_ylim(min(positive) / 1.5, max(positive) * 1.5)
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xticks(s["lengths"], [str(length) for length in s["lengths"]])
@@ -465,6 +474,9 @@ def main(argv=None):
         result = measure_cell(json.loads(args.cell))
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
+    if args.from_json:
+        write_reports(json.loads(args.from_json.read_text()), args.from_json.with_suffix(""))
+        return 0
     common.check_models_registered(args.models)
     overrides = common.parse_overrides(args.overrides)
     common.device_overrides(args.device)
@@ -484,15 +496,19 @@ def main(argv=None):
     report["n_items"] = next((c["n_items"] for c in report["cells"] if c["status"] == "ok"), None)
     stem = args.output_dir / "efficiency"
     common.write_json(stem.with_suffix(".json"), report)
+    write_reports(report, stem)
+    return 1 if any(c["status"] == "failed" for c in report["cells"]) else 0
+
+
+def write_reports(report, stem):
+    """``<stem>.md`` and ``<stem>.png`` from a report; the Markdown also goes to stdout."""
     common.write_text(stem.with_suffix(".md"), render_markdown(report))
     try:
         plot(report, stem.with_suffix(".png"))
-        common.progress(f"wrote {stem}.json, {stem}.md and {stem}.png")
+        common.progress(f"wrote {stem}.md and {stem}.png")
     except ImportError as error:  # matplotlib is in the [bench] extra, not a requirement
-        common.progress(f"wrote {stem}.json and {stem}.md; NOT {stem}.png: {error} "
-                        "(pip install -e .[bench])")
+        common.progress(f"wrote {stem}.md; NOT {stem}.png: {error} (pip install -e .[bench])")
     print(render_markdown(report))
-    return 1 if any(c["status"] == "failed" for c in report["cells"]) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Writes ``quality-<dataset>.json`` (every run, every epoch) and ``quality-<datase
 standard deviation over seeds) into --output-dir; a progress line per model and epoch goes to stderr.
 """
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -53,6 +54,8 @@ def parse_args(argv=None):
                              "shared machine)")
     parser.add_argument("--latency-repeats", type=int, default=3,
                         help="timed passes of full_sort_predict over the test set (default: %(default)s)")
+    parser.add_argument("--from-json", type=Path, metavar="JSON",
+                        help="train nothing: rewrite the Markdown of an earlier run's JSON next to it")
     parser.add_argument("--recbole-log", action="store_true",
                         help="also show RecBole's own logging (and write its log/ files)")
     args = parser.parse_args(argv)
@@ -273,7 +276,8 @@ def render_markdown(report):
         f"Settings: {', '.join(settings['config_files'])}; hidden size {settings['hidden_size']}, "
         f"{settings['layers']} layers for every model; seeds {settings['seeds']}; epochs "
         f"{settings['epochs']}, early stopping {settings['stopping_step']}; overrides "
-        f"{settings['overrides'] or 'none'}. Test metrics at the best validation epoch "
+        f"{settings['overrides'] or 'none'}; torch threads "
+        f"{settings.get('threads') or report['machine']['torch_threads']}. Test metrics at the best validation epoch "
         "(NDCG@10), mean ± sample std over seeds. Latency: median of "
         f"{settings['latency_repeats']} timed passes of `full_sort_predict` over the test users "
         "(after one warm-up pass), per batch of up to eval_batch_size users and per user.",
@@ -288,6 +292,11 @@ def render_markdown(report):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_json:
+        markdown = render_markdown(json.loads(args.from_json.read_text()))
+        common.write_text(args.from_json.with_suffix(".md"), markdown)
+        print(markdown)
+        return 0
     common.check_models_registered(args.models)
     overrides = common.parse_overrides(args.overrides)
     common.device_overrides(args.device)  # fail early on a missing GPU
