@@ -254,6 +254,15 @@ def machine_line(info):
             f"{info['date_utc']}")
 
 
+def display_path(path):
+    """A path relative to the repository root when it lies inside it, for reports."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def write_json(path, payload):
     """Write ``payload`` as indented JSON, creating the folder."""
     path = Path(path)

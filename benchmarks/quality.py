@@ -109,7 +109,7 @@ class EpochRecorder:
 
 
 def time_test_inference(model, batches, repeats, device):
-    """Median seconds of one pass of ``full_sort_predict`` over the given test batches."""
+    """Timing summary (ms) of whole passes of ``full_sort_predict`` over the given test batches."""
     import torch
 
     def one_pass():
@@ -153,15 +153,17 @@ def run_one(model_name, seed, args, overrides):
         fit_seconds = time.perf_counter() - start
 
         test_batches = []
-        full_sort_predict = model.full_sort_predict
+        full_sort_predict = model.full_sort_predict  # bound method of the class
 
         def recording_full_sort_predict(interaction):
             test_batches.append(interaction)
             return full_sort_predict(interaction)
 
-        model.full_sort_predict = recording_full_sort_predict
-        test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
-        model.full_sort_predict = full_sort_predict
+        model.full_sort_predict = recording_full_sort_predict  # notes the test batches
+        try:
+            test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+        finally:
+            del model.full_sort_predict  # the class's method again
         latency = time_test_inference(model, test_batches, args.latency_repeats, config["device"])
         n_users = sum(len(batch) for batch in test_batches)
     finally:
@@ -273,7 +275,7 @@ def render_markdown(report):
         "",
         f"Machine: {common.machine_line(report['machine'])}.",
         "",
-        f"Settings: {', '.join(settings['config_files'])}; hidden size {settings['hidden_size']}, "
+        f"Settings: {', '.join(map(common.display_path, settings['config_files']))}; hidden size {settings['hidden_size']}, "
         f"{settings['layers']} layers for every model; seeds {settings['seeds']}; epochs "
         f"{settings['epochs']}, early stopping {settings['stopping_step']}; overrides "
         f"{settings['overrides'] or 'none'}; torch threads "
@@ -308,7 +310,7 @@ def main(argv=None):
         "benchmark": "quality",
         "settings": {
             "models": args.models, "dataset": args.dataset,
-            "config_files": [str(p) for p in args.config_files], "seeds": args.seeds,
+            "config_files": [common.display_path(p) for p in args.config_files], "seeds": args.seeds,
             "epochs": args.epochs if args.epochs is not None else "from YAML",
             "stopping_step": args.stopping_step if args.stopping_step is not None else "from YAML",
             "hidden_size": args.hidden_size, "layers": args.layers, "device": args.device,
