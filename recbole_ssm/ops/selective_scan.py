@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 from recbole_ssm.ops.backend import cuda_kernel
 
+# Elements of the per-step state (rows x d x chunks x n) that one slice of the batch may hold.
+CACHE_SLICE_ELEMENTS = 1 << 20
+
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    backend="auto", chunk_size=None):
@@ -47,7 +50,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    y = _chunked_scan(u, delta, A, B, C, chunk_size)
+    y = _chunked_scan_in_slices(u, delta, A, B, C, chunk_size)
     if D is not None:
         y = y + u * D.to(dtype)[:, None]
     if z is not None:
@@ -55,8 +58,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return y.to(out_dtype)
 
 
-def _chunked_scan(u, delta, A, B, C, chunk_size):
-    """y_t = <h_t, C_t> of the recurrence above, from h_0 = 0. Shapes as in :func:`selective_scan`."""
+def _chunked_scan_in_slices(u, delta, A, B, C, chunk_size):
+    """:func:`_chunked_scan` over slices of the batch small enough to stay in cache."""
     batch, d, length = u.shape
     if length == 0:
         return u.new_zeros(batch, d, 0)
@@ -64,6 +67,19 @@ def _chunked_scan(u, delta, A, B, C, chunk_size):
     if steps < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunks = -(-length // steps)
+    rows = max(1, CACHE_SLICE_ELEMENTS // (d * chunks * A.shape[1]))
+    if rows >= batch:
+        return _chunked_scan(u, delta, A, B, C, steps, chunks)
+    return torch.cat([
+        _chunked_scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], steps, chunks)
+        for i in range(0, batch, rows)
+    ])
+
+
+def _chunked_scan(u, delta, A, B, C, steps, chunks):
+    """y_t = <h_t, C_t> of the recurrence above, from h_0 = 0, with ``chunks`` chunks of ``steps``
+    positions. Shapes as in :func:`selective_scan`."""
+    batch, d, length = u.shape
     pad = chunks * steps - length  # padded steps have delta = 0: the identity map, no output used
 
     def by_step(x):  # (batch, c, length) -> (steps, batch, c, chunks), each step contiguous

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from recbole_ssm.ops import selective_scan as selective_scan_module
 from recbole_ssm.ops.selective_scan import selective_scan, selective_scan_torch
 
 
@@ -94,3 +95,13 @@ def test_dispatch_on_cpu():
         selective_scan(**inputs, backend="cuda")
     with pytest.raises(ValueError, match="auto, torch, cuda"):
         selective_scan(**inputs, backend="triton")
+
+
+@pytest.mark.parametrize("slice_elements", [1, 200])
+def test_batch_scanned_in_slices(monkeypatch, slice_elements):
+    """Slices of one row, and of a few rows with a remainder, give the same result."""
+    monkeypatch.setattr(selective_scan_module, "CACHE_SLICE_ELEMENTS", slice_elements)
+    inputs = random_inputs(batch=5, length=29)
+    expected = recurrence(**inputs, delta_softplus=True)
+    torch.testing.assert_close(selective_scan_torch(**inputs, delta_softplus=True), expected,
+                               rtol=0, atol=1e-10)
