@@ -97,7 +97,7 @@ def test_dispatch_on_cpu():
         selective_scan(**inputs, backend="triton")
 
 
-@pytest.mark.parametrize("slice_elements", [1, 200])
+@pytest.mark.parametrize("slice_elements", [1, 500])  # rows of 1; rows of 4 and a remainder
 def test_batch_scanned_in_slices(monkeypatch, slice_elements):
     """Slices of one row, and of a few rows with a remainder, give the same result."""
     monkeypatch.setattr(selective_scan_module, "CACHE_SLICE_ELEMENTS", slice_elements)
