@@ -1,7 +1,7 @@
 """The fixes that let RecBole 1.2.1 run on today's Python, NumPy and PyTorch, in one place.
 
-:func:`apply` (called by ``import recbole_ssm``) makes four targeted changes to RecBole, each one
-covered by ``tests/test_compat.py``:
+:func:`apply` (called by ``import recbole_ssm``) makes seven targeted changes to RecBole, each one
+covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
 
 1. NumPy 2: ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and friends; NumPy 2
    removed ``np.float_``, so every ``Config(...)`` failed. It now sets only the aliases that the
@@ -17,6 +17,18 @@ covered by ``tests/test_compat.py``:
    ``weights_only`` stays the default for every other ``torch.load``.
 4. ray 2.6.3's ``pkg_resources`` deprecation warning is silenced (setuptools < 81 is pinned where
    ray is installed, because setuptools 81 removed ``pkg_resources``).
+5. pandas 3 (copy-on-write): RecBole fills missing values with
+   ``df[field].fillna(..., inplace=True)``, which under copy-on-write fills a temporary copy and
+   leaves ``df`` as it was. An empty ``token_seq`` / ``float_seq`` value then failed to load
+   ("'float' object has no attribute 'split'"), and missing tokens and floats of user/item
+   features stayed NaN (NaN floats reached the batches). Seq fields are now filled as RecBole's
+   ``_load_feat`` reads them, and ``Dataset._fill_nan`` assigns its results.
+6. pandas 3: ``Series.agg(len)`` returns the Series' length instead of each element's (pandas 2
+   warned about the change). RecBole's five methods that call it (remapping and normalising seq
+   fields, ``item_length`` of benchmark files) failed or computed wrong lengths; within them it is
+   again per element.
+7. pandas 3's read-only column arrays make PyTorch warn when RecBole turns a column into a tensor;
+   that warning is silenced for RecBole's dataset code, which drops each frame once converted.
 """
 import contextlib
 import enum
@@ -29,6 +41,7 @@ import types
 import warnings
 
 import numpy as np
+import pandas as pd
 import torch
 
 # NumPy aliases that RecBole expects, and the types RecBole assigned to them.
@@ -57,6 +70,19 @@ CHECKPOINT_GLOBALS = frozenset({
     ("yaml.loader", "FullLoader"),
 })
 RECOMMENDER_MODULES = ("recbole.model.", "recbole_ssm.models.")
+
+# The RecBole methods that call ``Series.agg(len)`` for the length of each element of a seq field.
+AGG_LEN_METHODS = (
+    ("recbole.data.dataset.dataset", "Dataset", "_normalize"),
+    ("recbole.data.dataset.dataset", "Dataset", "_discretization"),
+    ("recbole.data.dataset.dataset", "Dataset", "_remap"),
+    ("recbole.data.dataset.kg_dataset", "KnowledgeBasedDataset", "_reset_ent_remapID"),
+    ("recbole.data.dataset.sequential_dataset", "SequentialDataset", "_benchmark_presets"),
+)
+SEQ_FIELD_TYPES = ("token_seq", "float_seq")
+# pandas' warning for ``df[field].fillna(..., inplace=True)``: a FutureWarning in pandas 2, a
+# ChainedAssignmentError in pandas 3.
+CHAINED_INPLACE_WARNING = r".*through chained assignment using an inplace method"
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -120,17 +146,90 @@ def recbole_checkpoint_loading():
         torch.load = torch_load
 
 
-def _loads_recbole_checkpoints(function):
+def _run_within(context, function):
+    """``function`` running inside ``with context():``; a function wrapped once is left as it is."""
     if getattr(function, "__wrapped_by_recbole_ssm__", False):
         return function
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with recbole_checkpoint_loading():
+        with context():
             return function(*args, **kwargs)
 
     wrapper.__wrapped_by_recbole_ssm__ = True
     return wrapper
+
+
+def _loads_recbole_checkpoints(function):
+    return _run_within(recbole_checkpoint_loading, function)
+
+
+@contextlib.contextmanager
+def seq_fields_read_filled():
+    """Within this block, ``pd.read_csv`` fills missing values of RecBole seq columns with ``""``.
+
+    Seq columns are those whose header is ``name:token_seq`` or ``name:float_seq`` (RecBole's atomic
+    files); this is the fill that RecBole's ``_load_feat`` means to do right after reading. Its own
+    chained ``fillna(inplace=True)``, now without effect, is not warned about.
+    """
+    read_csv = pd.read_csv
+
+    @functools.wraps(read_csv)
+    def read_filled(*args, **kwargs):
+        df = read_csv(*args, **kwargs)
+        if isinstance(df, pd.DataFrame):
+            for column in df.columns:
+                if isinstance(column, str) and column.rpartition(":")[2] in SEQ_FIELD_TYPES:
+                    df[column] = df[column].fillna("")
+        return df
+
+    pd.read_csv = read_filled
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=CHAINED_INPLACE_WARNING)
+            yield
+    finally:
+        pd.read_csv = read_csv
+
+
+@contextlib.contextmanager
+def series_agg_len_per_element():
+    """Within this block, ``Series.agg(len)`` is each element's length, as before pandas 3."""
+    agg = pd.Series.agg
+
+    @functools.wraps(agg)
+    def series_agg(self, func=None, *args, **kwargs):
+        if func is len and not args and not kwargs:
+            return self.map(len)
+        return agg(self, func, *args, **kwargs)
+
+    pd.Series.agg = series_agg
+    try:
+        yield
+    finally:
+        pd.Series.agg = agg
+
+
+def fill_nan(self):
+    """RecBole's ``Dataset._fill_nan``, its chained ``fillna(inplace=True)`` calls made assignments.
+
+    Missing tokens become 0 (``[PAD]``), missing floats the field's mean, missing seqs empty arrays.
+    """
+    from recbole.utils import FeatureType, set_color
+
+    self.logger.debug(set_color("Filling nan", "green"))
+    for feat_name in self.feat_name_list:
+        feat = getattr(self, feat_name)
+        for field in feat:
+            ftype = self.field2type[field]
+            if ftype == FeatureType.TOKEN:
+                feat[field] = feat[field].fillna(value=0)
+            elif ftype == FeatureType.FLOAT:
+                feat[field] = feat[field].fillna(value=feat[field].mean())
+            else:
+                dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
+                feat[field] = feat[field].apply(
+                    lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x)
 
 
 def set_numpy_aliases(config=None):
@@ -172,9 +271,21 @@ def _import_quick_start():
         del sys.modules["ray"]
 
 
+def _apply_dataset_fixes():
+    from recbole.data.dataset.dataset import Dataset
+
+    Dataset._load_feat = _run_within(seq_fields_read_filled, Dataset._load_feat)
+    Dataset._fill_nan = fill_nan
+    for module, class_name, method in AGG_LEN_METHODS:
+        cls = getattr(importlib.import_module(module), class_name)
+        setattr(cls, method, _run_within(series_agg_len_per_element, cls.__dict__[method]))
+
+
 def apply():
     """Apply the fixes above; idempotent."""
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                            category=UserWarning, module=r"recbole\.data\.")
 
     from recbole.config.configurator import Config
 
@@ -189,3 +300,5 @@ def apply():
     Trainer.evaluate = _loads_recbole_checkpoints(Trainer.evaluate)
     wrapped = _loads_recbole_checkpoints(quick_start_module.load_data_and_model)
     quick_start_module.load_data_and_model = quick_start.load_data_and_model = wrapped
+
+    _apply_dataset_fixes()

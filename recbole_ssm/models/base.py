@@ -14,11 +14,15 @@ class SSMSequentialRecommender(SequentialRecommender):
     """item embedding -> dropout -> LayerNorm -> ``num_layers`` x (mixer + feed-forward) -> the
     representation at each user's last real item, scored against the whole item embedding table.
 
-    Subclasses implement :meth:`build_mixer`, returning a module called as ``mixer(x, mask)`` with
-    x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real items.
+    Subclasses name their block in ``mixer_class``, a module called as ``mixer(x, mask)`` with
+    x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real items, and built as
+    ``mixer_class(d_model=hidden_size, backend=ssm_backend, **{key: config[key] for key in
+    mixer_config_keys})``.
     """
 
     input_type = InputType.POINTWISE
+    mixer_class = None
+    mixer_config_keys = ()
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -45,8 +49,9 @@ class SSMSequentialRecommender(SequentialRecommender):
         self.apply(self._init_weights)
 
     def build_mixer(self, config):
-        """The sequence-mixing block of one layer (an SSM block)."""
-        raise NotImplementedError
+        """The sequence-mixing block of one layer."""
+        options = {key: config[key] for key in self.mixer_config_keys}
+        return self.mixer_class(d_model=self.hidden_size, backend=self.ssm_backend, **options)
 
     @staticmethod
     def _init_weights(module):

@@ -8,14 +8,5 @@ class Mamba2Rec(SSMSequentialRecommender):
     """Config keys: hidden_size, num_layers, dropout_prob, loss_type, d_state, d_conv, expand,
     headdim (must divide expand * hidden_size), ngroups, chunk_size, ssm_backend."""
 
-    def build_mixer(self, config):
-        return Mamba2Block(
-            d_model=self.hidden_size,
-            d_state=config["d_state"],
-            d_conv=config["d_conv"],
-            expand=config["expand"],
-            headdim=config["headdim"],
-            ngroups=config["ngroups"],
-            chunk_size=config["chunk_size"],
-            backend=self.ssm_backend,
-        )
+    mixer_class = Mamba2Block
+    mixer_config_keys = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")

@@ -8,11 +8,5 @@ class Mamba4Rec(SSMSequentialRecommender):
     """Config keys: hidden_size, num_layers, dropout_prob, loss_type, d_state, d_conv, expand,
     ssm_backend (auto / torch / cuda)."""
 
-    def build_mixer(self, config):
-        return MambaBlock(
-            d_model=self.hidden_size,
-            d_state=config["d_state"],
-            d_conv=config["d_conv"],
-            expand=config["expand"],
-            backend=self.ssm_backend,
-        )
+    mixer_class = MambaBlock
+    mixer_config_keys = ("d_state", "d_conv", "expand")

@@ -22,14 +22,18 @@ import torch.nn.functional as F
 
 from recbole_ssm.ops.backend import cuda_kernel
 
+# Elements of the per-step state (rows x d x chunks x n) that one slice of the batch may hold.
+CACHE_SLICE_ELEMENTS = 1 << 20
+METHODS = ("auto", "chunked", "recurrent")
+
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    backend="auto", chunk_size=None):
     """Selective scan with mamba-ssm's ``selective_scan_fn`` signature and layout.
 
     u, delta, z: (batch, d, length); A: (d, n); B, C: (batch, n, length); D, delta_bias: (d,).
-    Returns y: (batch, d, length) in u's dtype. ``chunk_size`` (pure-PyTorch path only) defaults to
-    ceil(sqrt(length)).
+    Returns y: (batch, d, length) in u's dtype. ``chunk_size`` (pure-PyTorch chunked scan only)
+    defaults to ceil(sqrt(length)).
     """
     fused = cuda_kernel(backend, u, "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
     if fused is not None:
@@ -38,8 +42,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         chunk_size=None):
-    """Pure-PyTorch selective scan; same arguments as :func:`selective_scan`."""
+                         chunk_size=None, method="auto"):
+    """Pure-PyTorch selective scan; same arguments as :func:`selective_scan`, plus ``method``:
+    "chunked", "recurrent", or "auto" (recurrent when no gradient is needed, else chunked)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown scan method {method!r}; choose one of {', '.join(METHODS)}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
     out_dtype = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)  # at least float32, float64 stays float64
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
@@ -47,7 +56,10 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    y = _chunked_scan(u, delta, A, B, C, chunk_size)
+    if method == "recurrent" or (method == "auto" and not needs_grad):
+        y = _in_slices(_recurrent_scan, 1, u, delta, A, B, C)
+    else:
+        y = _chunked_scan(u, delta, A, B, C, chunk_size)
     if D is not None:
         y = y + u * D.to(dtype)[:, None]
     if z is not None:
@@ -55,8 +67,38 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return y.to(out_dtype)
 
 
+def _in_slices(scan, chunks, u, delta, A, B, C, *args):
+    """``scan`` over slices of the batch whose (rows, d, chunks, n) state stays in cache."""
+    batch, d, _ = u.shape
+    rows = max(1, CACHE_SLICE_ELEMENTS // (d * chunks * A.shape[1]))
+    if rows >= batch:
+        return scan(u, delta, A, B, C, *args)
+    return torch.cat([
+        scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], *args)
+        for i in range(0, batch, rows)
+    ])
+
+
+def _recurrent_scan(u, delta, A, B, C):
+    """y_t = <h_t, C_t> by the recurrence, one in-place update per position: for inference only
+    (in-place updates leave autograd nothing to differentiate). Shapes as in :func:`selective_scan`."""
+    batch, d, length = u.shape
+    state = u.new_zeros(batch, d, A.shape[1])                            # (b, d, n)
+    decay = torch.empty_like(state)
+    delta_t = delta.transpose(1, 2).unsqueeze(-1).contiguous()           # (b, l, d, 1)
+    drive_t = (delta * u).transpose(1, 2).unsqueeze(-1).contiguous()     # (b, l, d, 1)
+    B_t = B.transpose(1, 2).unsqueeze(2).contiguous()                    # (b, l, 1, n)
+    C_t = C.transpose(1, 2).unsqueeze(-1).contiguous()                   # (b, l, n, 1)
+    y = u.new_empty(batch, length, d, 1)
+    for t in range(length):
+        torch.mul(delta_t[:, t], A, out=decay)
+        state.mul_(decay.exp_()).addcmul_(drive_t[:, t], B_t[:, t])
+        torch.matmul(state, C_t[:, t], out=y[:, t])
+    return y.squeeze(-1).transpose(1, 2)                                 # (b, d, l)
+
+
 def _chunked_scan(u, delta, A, B, C, chunk_size):
-    """y_t = <h_t, C_t> of the recurrence above, from h_0 = 0. Shapes as in :func:`selective_scan`."""
+    """:func:`_two_level_scan` with ``chunk_size`` (default ceil(sqrt(length))), in cache-sized slices."""
     batch, d, length = u.shape
     if length == 0:
         return u.new_zeros(batch, d, 0)
@@ -64,6 +106,13 @@ def _chunked_scan(u, delta, A, B, C, chunk_size):
     if steps < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunks = -(-length // steps)
+    return _in_slices(_two_level_scan, chunks, u, delta, A, B, C, steps, chunks)
+
+
+def _two_level_scan(u, delta, A, B, C, steps, chunks):
+    """y_t = <h_t, C_t> of the recurrence above, from h_0 = 0, with ``chunks`` chunks of ``steps``
+    positions. Shapes as in :func:`selective_scan`."""
+    batch, d, length = u.shape
     pad = chunks * steps - length  # padded steps have delta = 0: the identity map, no output used
 
     def by_step(x):  # (batch, c, length) -> (steps, batch, c, chunks), each step contiguous

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.modules.hydra import HydraBlock
+from tests.ssd_reference import perturbed, ssd_recurrence
 
 D_MODEL, D_STATE, HEADDIM, NGROUPS, D_CONV = 8, 4, 4, 2, 5
 D_INNER, NHEADS = 16, 4
@@ -11,24 +12,8 @@ D_INNER, NHEADS = 16, 4
 
 def make_block(chunk_size=3):
     torch.manual_seed(0)
-    block = HydraBlock(D_MODEL, d_state=D_STATE, d_conv=D_CONV, expand=2, headdim=HEADDIM, ngroups=NGROUPS,
-                       chunk_size=chunk_size, backend="torch").double()
-    with torch.no_grad():  # move the parameters away from their initial values
-        for p in (block.dt_bias, block.A_log, block.D, block.norm.weight, block.conv1d.bias):
-            p.add_(torch.randn_like(p) * 0.3)
-    return block
-
-
-def scan(x, dt, A, B, C):
-    """y_t = h_t C_t, h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, one step at a time; groups -> heads."""
-    b, l, h, p = x.shape
-    B, C = (t.repeat_interleave(h // t.shape[2], dim=2) for t in (B, C))
-    state = torch.zeros(b, h, p, B.shape[-1], dtype=x.dtype)
-    ys = []
-    for t in range(l):
-        state = torch.exp(dt[:, t] * A)[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
-        ys.append((state * C[:, t, :, None]).sum(-1))
-    return torch.stack(ys, 1)
+    return perturbed(HydraBlock(D_MODEL, d_state=D_STATE, d_conv=D_CONV, expand=2, headdim=HEADDIM,
+                                ngroups=NGROUPS, chunk_size=chunk_size, backend="torch"))
 
 
 def reference_forward(block, u):
@@ -44,8 +29,9 @@ def reference_forward(block, u):
     x = torch.cat((x, torch.flip(x, (1,))), dim=0)
     BC = torch.cat((BC[:, :, :2 * gn], torch.flip(BC[:, :, 2 * gn:], (1,))), dim=0)
     B, C = torch.split(BC, [gn, gn], dim=-1)
-    y = scan(x.reshape(2 * b, l, NHEADS, HEADDIM), dt, -torch.exp(block.A_log),
-             B.reshape(2 * b, l, NGROUPS, D_STATE), C.reshape(2 * b, l, NGROUPS, D_STATE)).reshape(2 * b, l, D_INNER)
+    y, _ = ssd_recurrence(x.reshape(2 * b, l, NHEADS, HEADDIM), dt, -torch.exp(block.A_log),
+                          B.reshape(2 * b, l, NGROUPS, D_STATE), C.reshape(2 * b, l, NGROUPS, D_STATE))
+    y = y.reshape(2 * b, l, D_INNER)
     y = torch.roll(y, shifts=1, dims=1)
     y[:, 0, :] = 0.0
     y_fw, y_bw = y[:b], torch.flip(y[b:], (1,))

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.modules.mamba2 import Mamba2Block
+from tests.ssd_reference import perturbed, ssd_recurrence
 
 D_MODEL, D_STATE, HEADDIM, NGROUPS, D_CONV = 8, 4, 4, 2, 4
 D_INNER, NHEADS = 16, 4
@@ -11,12 +12,8 @@ D_INNER, NHEADS = 16, 4
 
 def make_block(chunk_size=3):
     torch.manual_seed(0)
-    block = Mamba2Block(D_MODEL, d_state=D_STATE, d_conv=D_CONV, expand=2, headdim=HEADDIM, ngroups=NGROUPS,
-                        chunk_size=chunk_size, backend="torch").double()
-    with torch.no_grad():  # move the parameters away from their initial values
-        for p in (block.dt_bias, block.A_log, block.D, block.norm.weight, block.conv1d.bias):
-            p.add_(torch.randn_like(p) * 0.3)
-    return block
+    return perturbed(Mamba2Block(D_MODEL, d_state=D_STATE, d_conv=D_CONV, expand=2, headdim=HEADDIM,
+                                 ngroups=NGROUPS, chunk_size=chunk_size, backend="torch"))
 
 
 def reference_forward(block, u):
@@ -27,15 +24,9 @@ def reference_forward(block, u):
     dt = F.softplus(dt + block.dt_bias)
     A = -torch.exp(block.A_log)
     b, l, _ = u.shape
-    x = x.reshape(b, l, NHEADS, HEADDIM)
-    B = B.reshape(b, l, NGROUPS, D_STATE).repeat_interleave(NHEADS // NGROUPS, dim=2)
-    C = C.reshape(b, l, NGROUPS, D_STATE).repeat_interleave(NHEADS // NGROUPS, dim=2)
-    h = torch.zeros(b, NHEADS, HEADDIM, D_STATE, dtype=u.dtype)
-    ys = []
-    for t in range(l):
-        h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
-        ys.append((h * C[:, t, :, None]).sum(-1) + block.D[:, None] * x[:, t])
-    y = torch.stack(ys, 1).reshape(b, l, D_INNER) * F.silu(z)
+    y, _ = ssd_recurrence(x.reshape(b, l, NHEADS, HEADDIM), dt, A, B.reshape(b, l, NGROUPS, D_STATE),
+                          C.reshape(b, l, NGROUPS, D_STATE), D=block.D)
+    y = y.reshape(b, l, D_INNER) * F.silu(z)
     y = y.reshape(b, l, NGROUPS, -1)
     y = (y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)).reshape(b, l, D_INNER) * block.norm.weight
     return block.out_proj(y)

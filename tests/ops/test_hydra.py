@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recbole_ssm.ops.hydra import hydra_mixer
+from tests.ssd_reference import heads
 
 F64 = torch.float64
 
@@ -21,12 +22,6 @@ def make_inputs(b=2, l=6, h=4, p=3, g=2, n=5, seed=0, data_dependent_D=True):
         B_fwd=randn(b, l, g, n), C_fwd=randn(b, l, g, n), B_bwd=randn(b, l, g, n), C_bwd=randn(b, l, g, n),
         D=randn(b, l, h) if data_dependent_D else randn(h),
     )
-
-
-def heads(BC, h):
-    """(b, l, g, n) -> (b, l, h, n): head i reads group i // (h // g)."""
-    g = BC.shape[2]
-    return torch.stack([BC[:, :, i // (h // g)] for i in range(h)], dim=2)
 
 
 def quasiseparable(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D):

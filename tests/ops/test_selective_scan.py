@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from recbole_ssm.ops import selective_scan as selective_scan_module
 from recbole_ssm.ops.selective_scan import selective_scan, selective_scan_torch
 
 
@@ -38,29 +39,60 @@ def random_inputs(batch=2, d=5, n=4, length=37, dtype=torch.float64, seed=0, del
 
 @pytest.mark.parametrize("length", [1, 2, 7, 37, 100])
 @pytest.mark.parametrize("chunk_size", [None, 1, 3, 16, 128])
-def test_matches_recurrence_in_float64(length, chunk_size):
+def test_chunked_matches_recurrence_in_float64(length, chunk_size):
     inputs = random_inputs(length=length)
     expected = recurrence(**inputs, delta_softplus=True)
-    got = selective_scan_torch(**inputs, delta_softplus=True, chunk_size=chunk_size)
+    got = selective_scan_torch(**inputs, delta_softplus=True, chunk_size=chunk_size, method="chunked")
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("length", [1, 37])
+def test_recurrent_matches_recurrence_in_float64(length):
+    inputs = random_inputs(length=length)
+    got = selective_scan_torch(**inputs, delta_softplus=True, method="recurrent")
+    torch.testing.assert_close(got, recurrence(**inputs, delta_softplus=True), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["chunked", "recurrent"])
+def test_empty_sequence(method):
+    inputs = random_inputs(length=0)
+    assert selective_scan_torch(**inputs, delta_softplus=True, method=method).shape == (2, 5, 0)
+
+
+def test_auto_method_differentiates_in_training_and_scans_in_place_otherwise():
+    inputs = random_inputs(length=21)
+    inputs["u"].requires_grad_()
+    expected = recurrence(**inputs, delta_softplus=True)
+    trained = selective_scan_torch(**inputs, delta_softplus=True)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-10)
+    (grad,) = torch.autograd.grad(trained.sum(), inputs["u"])
+    (expected_grad,) = torch.autograd.grad(expected.sum(), inputs["u"])
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(selective_scan_torch(**inputs, delta_softplus=True), expected,
+                                   rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="auto, chunked, recurrent"):
+        selective_scan_torch(**inputs, method="parallel")
 
 
 def test_without_softplus_gate_or_skip():
     inputs = random_inputs(length=23)
     u, delta, A, B, C = (inputs[k] for k in ("u", "delta", "A", "B", "C"))
     expected = recurrence(u, delta.abs(), A, B, C)
-    torch.testing.assert_close(selective_scan_torch(u, delta.abs(), A, B, C), expected, rtol=0, atol=1e-10)
+    for method in ("chunked", "recurrent"):
+        got = selective_scan_torch(u, delta.abs(), A, B, C, method=method)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
 def test_causal():
     inputs = random_inputs(length=30)
-    before = selective_scan_torch(**inputs, delta_softplus=True)
+    before = selective_scan_torch(**inputs, delta_softplus=True, method="chunked")
     t = 17
     changed = {k: v.clone() for k, v in inputs.items()}
     for key in ("u", "delta", "B", "C", "z"):
         changed[key][..., t + 1:] += torch.randn_like(changed[key][..., t + 1:])
-    after = selective_scan_torch(**changed, delta_softplus=True)
+    after = selective_scan_torch(**changed, delta_softplus=True, method="chunked")
     torch.testing.assert_close(after[..., :t + 1], before[..., :t + 1], rtol=0, atol=0)
     assert not torch.allclose(after[..., t + 1:], before[..., t + 1:])
 
@@ -70,9 +102,11 @@ def test_stable_for_strong_decay_in_float32():
     inputs = random_inputs(length=64, delta_scale=10.0, seed=3)
     inputs["A"] = inputs["A"] * 20
     expected = recurrence(**inputs, delta_softplus=True)
-    got = selective_scan_torch(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    for method in ("chunked", "recurrent"):
+        got = selective_scan_torch(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True,
+                                   method=method)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_gradcheck():
@@ -81,7 +115,8 @@ def test_gradcheck():
     tensors = [inputs[k].requires_grad_() for k in names]
 
     def scan(*args):
-        return selective_scan_torch(**dict(zip(names, args)), delta_softplus=True, chunk_size=4)
+        return selective_scan_torch(**dict(zip(names, args)), delta_softplus=True, chunk_size=4,
+                                    method="chunked")
 
     assert torch.autograd.gradcheck(scan, tensors)
 
@@ -94,3 +129,14 @@ def test_dispatch_on_cpu():
         selective_scan(**inputs, backend="cuda")
     with pytest.raises(ValueError, match="auto, torch, cuda"):
         selective_scan(**inputs, backend="triton")
+
+
+@pytest.mark.parametrize("method,slice_elements", [
+    ("chunked", 1), ("chunked", 500), ("recurrent", 1), ("recurrent", 50)])  # 1 row; 4 and 2 rows
+def test_batch_scanned_in_slices(monkeypatch, method, slice_elements):
+    """Slices of one row, and of a few rows with a remainder, give the same result."""
+    monkeypatch.setattr(selective_scan_module, "CACHE_SLICE_ELEMENTS", slice_elements)
+    inputs = random_inputs(batch=5, length=29)
+    expected = recurrence(**inputs, delta_softplus=True)
+    got = selective_scan_torch(**inputs, delta_softplus=True, method=method)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recbole_ssm.ops.ssd import ssd_scan, ssd_scan_torch
+from tests.ssd_reference import heads, ssd_recurrence as recurrence
 
 F64 = torch.float64
 
@@ -16,25 +17,6 @@ def make_inputs(b=2, l=7, h=4, p=3, g=2, n=5, seed=0):
     C = torch.randn(b, l, g, n, generator=gen, dtype=F64)
     D = torch.randn(h, generator=gen, dtype=F64)
     return x, dt, A, B, C, D
-
-
-def heads(BC, h):
-    """(b, l, g, n) -> (b, l, h, n): head i reads group i // (h // g)."""
-    g = BC.shape[2]
-    return torch.stack([BC[:, :, i // (h // g)] for i in range(h)], dim=2)
-
-
-def recurrence(x, dt, A, B, C, D, initial_states=None):
-    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T; y_t = h_t C_t + D x_t, one step at a time."""
-    b, l, h, p = x.shape
-    B, C = heads(B, h), heads(C, h)
-    state = torch.zeros(b, h, p, B.shape[-1], dtype=F64) if initial_states is None else initial_states.clone()
-    ys = []
-    for t in range(l):
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
-        state = decay * state + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :]
-        ys.append((state * C[:, t, :, None, :]).sum(-1) + D[:, None] * x[:, t])
-    return torch.stack(ys, dim=1), state
 
 
 def semiseparable(x, dt, A, B, C, D):
