@@ -63,19 +63,18 @@ def import_recbole_ssm():
 def check_models_registered(models):
     """Exit with a clear message if any requested model is unknown to RecBole: never skip one."""
     recbole_ssm = import_recbole_ssm()
-    from recbole.utils import get_model
+    from recbole_ssm.cli import check_model
 
     missing = []
     for name in models:
         try:
-            get_model(name)
+            check_model(name)
         except ValueError:
             missing.append(name)
     if missing:
-        ours = getattr(getattr(recbole_ssm, "registry", None), "model_names", lambda: [])()
         raise SystemExit(
             f"not registered with RecBole: {', '.join(missing)}. recbole_ssm "
-            f"{getattr(recbole_ssm, '__version__', '?')} registers {', '.join(ours) or 'nothing'}; "
+            f"{recbole_ssm.__version__} registers {', '.join(recbole_ssm.registry.model_names())}; "
             "RecBole's own models need no registration. Ask for other --models, or update recbole_ssm."
         )
 

@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from recbole_ssm.ops.backend import cuda_kernel
 
@@ -106,7 +107,13 @@ def _chunked_scan(u, delta, A, B, C, chunk_size):
     if steps < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunks = -(-length // steps)
-    return _in_slices(_two_level_scan, chunks, u, delta, A, B, C, steps, chunks)
+    scan = _two_level_scan_recomputed if torch.is_grad_enabled() else _two_level_scan
+    return _in_slices(scan, chunks, u, delta, A, B, C, steps, chunks)
+
+
+def _two_level_scan_recomputed(u, delta, A, B, C, steps, chunks):
+    """:func:`_two_level_scan` that keeps only its inputs for the backward pass and recomputes."""
+    return checkpoint(_two_level_scan, u, delta, A, B, C, steps, chunks, use_reentrant=False)
 
 
 def _two_level_scan(u, delta, A, B, C, steps, chunks):
