@@ -86,16 +86,17 @@ def _recurrent_scan(u, delta, A, B, C):
     batch, d, length = u.shape
     state = u.new_zeros(batch, d, A.shape[1])                            # (b, d, n)
     decay = torch.empty_like(state)
-    delta_t = delta.transpose(1, 2).unsqueeze(-1).contiguous()           # (b, l, d, 1)
-    drive_t = (delta * u).transpose(1, 2).unsqueeze(-1).contiguous()     # (b, l, d, 1)
-    B_t = B.transpose(1, 2).unsqueeze(2).contiguous()                    # (b, l, 1, n)
-    C_t = C.transpose(1, 2).unsqueeze(-1).contiguous()                   # (b, l, n, 1)
-    y = u.new_empty(batch, length, d, 1)
+    # Time-major copies, so that every step reads and writes contiguous blocks.
+    step_rate = delta.permute(2, 0, 1).unsqueeze(-1).contiguous()      # (l, b, d, 1)
+    drive = (delta * u).permute(2, 0, 1).unsqueeze(-1).contiguous()     # (l, b, d, 1)
+    B_t = B.permute(2, 0, 1).unsqueeze(2).contiguous()                  # (l, b, 1, n)
+    C_t = C.permute(2, 0, 1).unsqueeze(-1).contiguous()                 # (l, b, n, 1)
+    y = u.new_empty(length, batch, d, 1)
     for t in range(length):
-        torch.mul(delta_t[:, t], A, out=decay)
-        state.mul_(decay.exp_()).addcmul_(drive_t[:, t], B_t[:, t])
-        torch.matmul(state, C_t[:, t], out=y[:, t])
-    return y.squeeze(-1).transpose(1, 2)                                 # (b, d, l)
+        torch.mul(step_rate[t], A, out=decay)
+        state.mul_(decay.exp_()).addcmul_(drive[t], B_t[t])
+        torch.matmul(state, C_t[t], out=y[t])
+    return y.squeeze(-1).permute(1, 2, 0)                               # (b, d, l)
 
 
 def _chunked_scan(u, delta, A, B, C, chunk_size):
