@@ -123,37 +123,38 @@ def _two_level_scan(u, delta, A, B, C, steps, chunks):
     batch, d, length = u.shape
     pad = chunks * steps - length  # padded steps have delta = 0: the identity map, no output used
 
-    def by_step(x):  # (batch, c, length) -> (steps, batch, c, chunks), each step contiguous
-        return F.pad(x, (0, pad)).unflatten(-1, (chunks, steps)).permute(3, 0, 1, 2).contiguous()
+    def by_step(x):  # (batch, c, length) -> (steps, batch, chunks, c), each step contiguous
+        return F.pad(x, (0, pad)).unflatten(-1, (chunks, steps)).permute(3, 0, 2, 1).contiguous()
 
+    # States are laid out (b, chunks, d, n), so reading one out is a matrix product with C.
     # Per-step slices come from unbind(), whose backward is one stack; indexing x[j] in a loop
     # would allocate a full-size zero gradient for every j.
-    delta_s = by_step(delta)                                             # (T, b, d, chunks)
-    u_steps, delta_steps = by_step(u).unbind(0), delta_s.unbind(0)       # T x (b, d, chunks)
-    B_steps = by_step(B).transpose(-1, -2).unsqueeze(2).unbind(0)        # T x (b, 1, chunks, n)
-    C_steps = by_step(C).transpose(-1, -2).unsqueeze(2).unbind(0)        # T x (b, 1, chunks, n)
-    A = A[:, None, :]                                                    # (d, 1, n)
+    delta_s = by_step(delta)                                             # (T, b, chunks, d)
+    drive_steps = (delta_s * by_step(u)).unsqueeze(-1).unbind(0)         # T x (b, chunks, d, 1)
+    delta_steps = delta_s.unsqueeze(-1).unbind(0)                        # T x (b, chunks, d, 1)
+    B_steps = by_step(B).unsqueeze(-2).unbind(0)                         # T x (b, chunks, 1, n)
+    C_steps = by_step(C).unsqueeze(-1).unbind(0)                         # T x (b, chunks, n, 1)
 
     # 1. Inside every chunk, from a zero state.
-    state = u.new_zeros(batch, d, chunks, A.shape[-1])                  # (b, d, chunks, n)
+    state = u.new_zeros(batch, chunks, d, A.shape[-1])                  # (b, chunks, d, n)
     local_out = []
-    for delta_j, u_j, B_j, C_j in zip(delta_steps, u_steps, B_steps, C_steps):
-        delta_j = delta_j.unsqueeze(-1)
-        state = torch.exp(delta_j * A) * state + (delta_j * u_j.unsqueeze(-1)) * B_j
-        local_out.append((state * C_j).sum(-1))                          # (b, d, chunks)
+    for delta_j, drive_j, B_j, C_j in zip(delta_steps, drive_steps, B_steps, C_steps):
+        state = torch.addcmul(torch.exp(delta_j * A) * state, drive_j, B_j)
+        local_out.append(torch.matmul(state, C_j))                       # (b, chunks, d, 1)
 
     # 2. Carry the chunk-end states across chunks: carried[c] is the true state before chunk c.
-    chunk_decays = torch.exp(delta_s.sum(0).unsqueeze(-1) * A).unbind(2)  # chunks x (b, d, n)
+    chunk_decays = torch.exp(delta_s.sum(0).unsqueeze(-1) * A).unbind(1)  # chunks x (b, d, n)
     carry = u.new_zeros(batch, d, A.shape[-1])
     carried = []
-    for chunk_decay, chunk_state in zip(chunk_decays, state.unbind(2)):
+    for chunk_decay, chunk_state in zip(chunk_decays, state.unbind(1)):
         carried.append(carry)
         carry = chunk_decay * carry + chunk_state
-    carried = torch.stack(carried, dim=2)                                # (b, d, chunks, n)
+    carried = torch.stack(carried, dim=1)                                # (b, chunks, d, n)
 
     # 3. Each position adds the carried state, decayed from its chunk's start.
     out = [
-        local + (torch.exp(decay.unsqueeze(-1) * A) * carried * C_j).sum(-1)
+        local + torch.matmul(torch.exp(decay.unsqueeze(-1) * A) * carried, C_j)
         for local, decay, C_j in zip(local_out, delta_s.cumsum(0).unbind(0), C_steps)
-    ]
-    return torch.stack(out, dim=-1).flatten(-2)[..., :length]            # (b, d, length)
+    ]                                                                    # T x (b, chunks, d, 1)
+    out = torch.cat(out, dim=-1).transpose(1, 2)                         # (b, d, chunks, T)
+    return out.flatten(-2)[..., :length]                                 # (b, d, length)
