@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.ops import selective_scan as selective_scan_module
-from recbole_ssm.ops.selective_scan import selective_scan, selective_scan_torch
+from recbole_ssm.ops.selective_scan import _decay, selective_scan, selective_scan_torch
 
 
 def recurrence(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -140,3 +140,18 @@ def test_batch_scanned_in_slices(monkeypatch, method, slice_elements):
     expected = recurrence(**inputs, delta_softplus=True)
     got = selective_scan_torch(**inputs, delta_softplus=True, method=method)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decays_never_subnormal(dtype):
+    # The training scan's decays stay normal numbers (subnormals take the CPU's slow path) and equal
+    # exp() wherever exp() is above 1e-19 in float32 / 1e-150 in float64.
+    tiny = torch.finfo(dtype).tiny
+    exponent = -torch.logspace(-3, 4, 200, dtype=dtype)
+    decays = _decay(exponent)
+    assert (decays >= tiny ** 0.5 * 0.999).all() and (decays <= 1).all()
+    exact = torch.exp(exponent)
+    kept = exact > tiny ** 0.5
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(decays[kept], exact[kept], rtol=0, atol=0)
+    assert (exact[~kept] < decays[~kept]).all() and (decays[~kept] * decays[~kept] >= tiny * 0.99).all()
