@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from recbole_ssm.ops.backend import cuda_kernel
 
 
+def _mul(a, b, inplace):
+    """a * b, written into ``a`` when ``inplace`` (no gradient needed): on CPU, allocating and first
+    touching a large temporary costs about as much as the multiplication itself."""
+    return a.mul_(b) if inplace else a * b
+
+
 def _check_shapes(x, dt, A, B, C, chunk_size):
     b, l, h, p = x.shape
     g = B.shape[2]
@@ -49,6 +55,8 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, initial_states=None, retu
     dtype = torch.promote_types(x.dtype, torch.float32)
     q = max(1, min(chunk_size, l))  # a chunk longer than the sequence would only compute on padding
     c = -(-l // q)
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_states)))
 
     def chunked(t):  # (b, l, ...) -> (b, c, q, ...), the end padded to whole chunks with zeros
         t = t.to(dtype)
@@ -70,12 +78,13 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, initial_states=None, retu
     a_h = a_cum.transpose(2, 3).contiguous()  # (b, c, h, q)
     decay = (a_h.unsqueeze(-1) - a_h.unsqueeze(-2)).clamp_(max=0).exp_()  # (b, c, h, q_t, q_s)
     CB = (C_ @ B_.transpose(-1, -2)).tril_()  # (b, c, g, q_t, q_s)
-    scores = decay.view(b, c, g, r, q, q) * CB.unsqueeze(3)  # C_t . B_s exp(...), per head
+    scores = _mul(decay.view(b, c, g, r, q, q), CB.unsqueeze(3), inplace)  # C_t . B_s exp(...), per head
     y_diag = scores.view(b, c, h, q, q) @ xdt.transpose(2, 3)  # (b, c, h, q, p)
 
     # 2. Each chunk's own contribution to the state at its end: sum_s exp(a_end - a_cum[s]) dt_s x_s B_s^T.
     decay_to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, c, q, h)
-    xdt_end = (xdt * decay_to_end.unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r*p)
+    xdt_end = _mul(xdt, decay_to_end.unsqueeze(-1), inplace)  # xdt is not used after this
+    xdt_end = xdt_end.view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r*p)
     chunk_states = (xdt_end.transpose(-1, -2) @ B_).view(b, c, h, p * n)  # (b, c, h, p*n)
 
     # 3. Between chunks, by a recurrence over the chunks (not over positions): the state entering
@@ -91,11 +100,11 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, initial_states=None, retu
 
     # 4. The entering state read out at each position, decayed from the chunk start through t.
     readout = (C_ @ entering.transpose(-1, -2)).transpose(2, 3).reshape(b, c, q, h, p)  # C_t . state
-    y = (readout * torch.exp(a_cum).unsqueeze(-1)).add_(y_diag.transpose(2, 3))  # (b, c, q, h, p)
+    y = _mul(readout, torch.exp(a_cum).unsqueeze(-1), inplace).add_(y_diag.transpose(2, 3))  # (b, c, q, h, p)
     y = y.reshape(b, c * q, h, p)[:, :l]  # a copy only where g > 1
     if D is not None:
         D = D.to(dtype)
-        y = torch.addcmul(y, x.to(dtype), D.unsqueeze(-1) if D.dim() == 1 else D)
+        y = y.addcmul_(x.to(dtype), D.unsqueeze(-1) if D.dim() == 1 else D)
     y = y.to(x.dtype)
     return (y, final_states) if return_final_states else y
 
