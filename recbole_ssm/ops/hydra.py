@@ -29,13 +29,18 @@ def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size,
     """
     b = x.shape[0]
     if mask is not None:
-        x = x.masked_fill(~mask[..., None, None], 0)
+        # A padded position neither changes a state (dt = 0) nor reads one out (C = 0): the scans' outputs
+        # are 0 there, so the scans need no mask of their own (which would mask x and y once more).
+        pad = ~mask[..., None]
+        x = x.masked_fill(pad[..., None], 0)
+        dt_fwd, dt_bwd = dt_fwd.masked_fill(pad, 0), dt_bwd.masked_fill(pad, 0)
+        C_fwd, C_bwd = C_fwd.masked_fill(pad[..., None], 0), C_bwd.masked_fill(pad[..., None], 0)
 
     def both(fwd, bwd):  # the forward sequences, then the reversed ones, along the batch: (2b, l, ...)
         return torch.cat([fwd, bwd.flip(1)])
 
     y = ssd_scan(both(x, x), both(dt_fwd, dt_bwd), A, both(B_fwd, B_bwd), both(C_fwd, C_bwd), chunk_size,
-                 mask=None if mask is None else both(mask, mask), backend=backend)  # (2b, l, h, p)
+                 backend=backend)  # (2b, l, h, p)
     y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))  # shift one step later: y[t] <- y[t-1], y[0] <- 0
     y = (y[:b] + y[b:].flip(1) + x * D.unsqueeze(-1)).to(x.dtype)  # D: (h, 1) or (b, l, h, 1)
     return y if mask is None else y.masked_fill(~mask[..., None, None], 0)

@@ -8,7 +8,7 @@ State Space Duality", ICML 2024. For each head, with state h_t (headdim, d_state
 i.e. y = M x + D x with the semiseparable matrix M[t, s] = C_t . B_s * exp(sum_{r=s+1..t} dt_r A) * dt_s
 (s <= t). The chunked algorithm splits the sequence into chunks of ``chunk_size`` positions: inside a
 chunk M is materialised (quadratic, matrix products); between chunks the state is passed on by a
-recurrence over chunks, itself written as a small matrix product. No Python loop over time steps.
+recurrence over the chunks (a Python loop of one multiply-add per chunk, not per position).
 
 A position with dt = 0 changes no state and contributes nothing (exp(0) = 1, dt * x B^T = 0): this is
 how padding is handled, both at the end of a chunk and for masked sequence positions.
@@ -19,17 +19,10 @@ import torch.nn.functional as F
 from recbole_ssm.ops.backend import cuda_kernel
 
 
-def _segsum(a):
-    """Segment sums of ``a`` (..., T): out[..., t, s] = a[s+1] + ... + a[t] for s <= t, -inf above.
-
-    Each entry is a sum of the terms themselves (masked, then cumulated), not a difference of two
-    prefix sums, so with a <= 0 every finite entry is <= 0 and exp() of it never overflows.
-    """
-    T = a.shape[-1]
-    ones = torch.ones(T, T, dtype=torch.bool, device=a.device)
-    terms = a.unsqueeze(-1).expand(*a.shape, T).masked_fill(~ones.tril(-1), 0)  # [k, s] = a_k if k > s
-    sums = terms.cumsum(dim=-2)  # [t, s] = sum_{s < k <= t} a_k
-    return sums.masked_fill(~ones.tril(0), -torch.inf)
+def _mul(a, b, inplace):
+    """a * b, written into ``a`` when ``inplace`` (no gradient needed): on CPU, allocating and first
+    touching a large temporary costs about as much as the multiplication itself."""
+    return a.mul_(b) if inplace else a * b
 
 
 def _check_shapes(x, dt, A, B, C, chunk_size):
@@ -58,43 +51,60 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, initial_states=None, retu
     _check_shapes(x, dt, A, B, C, chunk_size)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
+    r = h // g  # heads per group: head i = (group i // r, member i % r)
     dtype = torch.promote_types(x.dtype, torch.float32)
     q = max(1, min(chunk_size, l))  # a chunk longer than the sequence would only compute on padding
-    pad = -l % q
-    # Pad the end to whole chunks with dt = 0 and x = 0: the state passes through unchanged.
-    x_, dt_, B_, C_ = (F.pad(t.to(dtype), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    c = (l + pad) // q
+    c = -(-l // q)
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_states)))
 
-    # Chunked views; B and C repeated from groups to heads.
-    xdt = (x_ * dt_.unsqueeze(-1)).reshape(b, c, q, h, p)  # dt_s x_s
-    B_ = B_.repeat_interleave(h // g, dim=2).reshape(b, c, q, h, n)
-    C_ = C_.repeat_interleave(h // g, dim=2).reshape(b, c, q, h, n)
-    a = (dt_ * A.to(dtype)).reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q): log-decay per step
-    a_cum = a.cumsum(dim=-1)  # (b, h, c, q): log-decay from the chunk start through position t
+    def chunked(t):  # (b, l, ...) -> (b, c, q, ...), the end padded to whole chunks with zeros
+        t = t.to(dtype)
+        if c * q > l:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, c * q - l))
+        return t.view(b, c, q, *t.shape[2:])
 
-    # 1. Within each chunk: y[t] = sum_{s <= t in chunk} C_t . B_s exp(segsum[t, s]) dt_s x_s.
-    decay = torch.exp(_segsum(a))  # (b, h, c, q_t, q_s)
-    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C_, B_, decay, xdt)
+    # Padding has dt = 0 and x = 0: the state passes through it unchanged. Sequence order is kept (the
+    # layout of x and y), so that the state computations below are batched matrix products over
+    # (b, c, g) that need no copies; only the quadratic part within chunks works head by head.
+    xdt = chunked(x * dt.unsqueeze(-1))  # (b, c, q, h, p): dt_s x_s
+    a_cum = (chunked(dt) * A.to(dtype)).cumsum(dim=2)  # (b, c, q, h): log-decay from the chunk start through t
+    B_, C_ = (chunked(t).transpose(2, 3) for t in (B, C))  # (b, c, g, q, n), views
 
-    # 2. Each chunk's own contribution to the state at its end: decay from s+1 to the chunk end.
-    decay_to_end = decay[..., -1, :]  # (b, h, c, q)
-    chunk_states = torch.einsum("bcshn,bhcs,bcshp->bchpn", B_, decay_to_end, xdt)  # (b, c, h, p, n)
+    # 1. Within each chunk: y[t] = sum_{s <= t in chunk} C_t . B_s exp(a_cum[t] - a_cum[s]) dt_s x_s.
+    # The exponent is <= 0 on and below the diagonal (a_cum does not increase); above it, it is
+    # clamped to 0 (no overflow, no inf or nan forward or backward), and C . B is masked to 0 there.
+    # (Masking with -inf before exp() would also be exact, but exp(-inf) is several times slower on CPU.)
+    a_h = a_cum.transpose(2, 3).contiguous()  # (b, c, h, q)
+    decay = (a_h.unsqueeze(-1) - a_h.unsqueeze(-2)).clamp_(max=0).exp_()  # (b, c, h, q_t, q_s)
+    CB = (C_ @ B_.transpose(-1, -2)).tril_()  # (b, c, g, q_t, q_s)
+    scores = _mul(decay.view(b, c, g, r, q, q), CB.unsqueeze(3), inplace)  # C_t . B_s exp(...), per head
+    y_diag = scores.view(b, c, h, q, q) @ xdt.transpose(2, 3)  # (b, c, h, q, p)
 
-    # 3. Between chunks: the state entering chunk z is the initial state and every earlier chunk's
-    # contribution, each decayed through the chunks in between.
-    if initial_states is None:
-        initial_states = x_.new_zeros(b, h, p, n)
-    chunk_states = torch.cat([initial_states.to(dtype).unsqueeze(1), chunk_states], dim=1)  # (b, c+1, h, p, n)
-    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, chunk_states)  # (b, c+1, h, p, n)
-    entering, final_states = states[:, :-1], states[:, -1]
+    # 2. Each chunk's own contribution to the state at its end: sum_s exp(a_end - a_cum[s]) dt_s x_s B_s^T.
+    decay_to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, c, q, h)
+    xdt_end = _mul(xdt, decay_to_end.unsqueeze(-1), inplace)  # xdt is not used after this
+    xdt_end = xdt_end.view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r*p)
+    chunk_states = (xdt_end.transpose(-1, -2) @ B_).view(b, c, h, p * n)  # (b, c, h, p*n)
+
+    # 3. Between chunks, by a recurrence over the chunks (not over positions): the state entering
+    # chunk z + 1 is the one entering chunk z, decayed through it, plus chunk z's own contribution.
+    chunk_decay = torch.exp(a_cum[:, :, -1]).unsqueeze(-1)  # (b, c, h, 1)
+    state = xdt.new_zeros(b, h, p * n) if initial_states is None else initial_states.to(dtype).reshape(b, h, p * n)
+    entering = []
+    for z in range(c):
+        entering.append(state)
+        state = torch.addcmul(chunk_states[:, z], state, chunk_decay[:, z])
+    final_states = state.view(b, h, p, n)
+    entering = torch.stack(entering, dim=1).view(b, c, g, r * p, n)
 
     # 4. The entering state read out at each position, decayed from the chunk start through t.
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C_, entering, torch.exp(a_cum))
-    y = y.reshape(b, c * q, h, p)[:, :l]
+    readout = (C_ @ entering.transpose(-1, -2)).transpose(2, 3).reshape(b, c, q, h, p)  # C_t . state
+    y = _mul(readout, torch.exp(a_cum).unsqueeze(-1), inplace).add_(y_diag.transpose(2, 3))  # (b, c, q, h, p)
+    y = y.reshape(b, c * q, h, p)[:, :l]  # a copy only where g > 1
     if D is not None:
         D = D.to(dtype)
-        y = y + x.to(dtype) * (D.unsqueeze(-1) if D.dim() == 1 else D)
+        y = y.addcmul_(x.to(dtype), D.unsqueeze(-1) if D.dim() == 1 else D)
     y = y.to(x.dtype)
     return (y, final_states) if return_final_states else y
 

@@ -80,6 +80,19 @@ def test_mask_matches_matrix_on_the_real_part():
     torch.testing.assert_close(y[0], quasiseparable(**inputs)[0], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_padding_on_both_sides_is_removing_it(chunk_size):
+    """Padding before and after the real positions acts as if it were not there; its outputs are 0."""
+    inputs = make_inputs(b=2, l=9)
+    mask = torch.tensor([[False, False, True, True, True, True, True, False, False],
+                         [False, True, True, True, True, True, True, True, True]])
+    y = hydra_mixer(**inputs, chunk_size=chunk_size, mask=mask)
+    for i in range(2):
+        kept = {k: (v[i:i + 1, mask[i]] if v.dim() > 1 else v) for k, v in inputs.items()}
+        torch.testing.assert_close(y[i, mask[i]], quasiseparable(**kept)[0], rtol=0, atol=1e-10)
+        assert (y[i, ~mask[i]] == 0).all()
+
+
 def test_gradcheck():
     inputs = make_inputs(b=1, l=4, h=2, p=2, g=1, n=2)
     names = list(inputs)
