@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.backend import cuda_kernel
 
 # Elements of the per-step state (rows x d x chunks x n) that one slice of the batch may hold.
@@ -48,8 +49,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     "chunked", "recurrent", or "auto" (recurrent when no gradient is needed, else chunked)."""
     if method not in METHODS:
         raise ValueError(f"unknown scan method {method!r}; choose one of {', '.join(METHODS)}")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
+    differentiable = needs_grad(u, delta, A, B, C, delta_bias)
     out_dtype = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)  # at least float32, float64 stays float64
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
@@ -57,7 +57,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    if method == "recurrent" or (method == "auto" and not needs_grad):
+    if method == "recurrent" or (method == "auto" and not differentiable):
         y = _in_slices(_recurrent_scan, 1, u, delta, A, B, C)
     else:
         y = _chunked_scan(u, delta, A, B, C, chunk_size)

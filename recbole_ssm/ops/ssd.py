@@ -16,6 +16,7 @@ how padding is handled, both at the end of a chunk and for masked sequence posit
 import torch
 import torch.nn.functional as F
 
+from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.backend import cuda_kernel
 
 
@@ -55,8 +56,7 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, initial_states=None, retu
     dtype = torch.promote_types(x.dtype, torch.float32)
     q = max(1, min(chunk_size, l))  # a chunk longer than the sequence would only compute on padding
     c = -(-l // q)
-    inplace = not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_states)))
+    inplace = not needs_grad(x, dt, A, B, C, D, initial_states)
 
     def chunked(t):  # (b, l, ...) -> (b, c, q, ...), the end padded to whole chunks with zeros
         t = t.to(dtype)
