@@ -1,13 +1,8 @@
-"""Mamba-1 selective scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
-Spaces", arXiv 2312.00752), as a pure-PyTorch chunked scan and behind the mamba-ssm kernel.
+"""The selective scan in pure PyTorch: the reference that the compiled and CUDA kernels are tested
+against, and the fallback where neither loads.
 
-For every channel d and state n the recurrence is
-
-    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,     y_t = <h_t, C_t> + D * u_t,
-
-with an optional output gate y_t * silu(z_t).
-
-The pure-PyTorch path is a two-level scan. The sequence is cut into chunks of T steps; first the
+Without gradients it runs the recurrence in place, one position at a time. For training it is a
+two-level scan. The sequence is cut into chunks of T steps; first the
 recurrence runs over the T positions of a chunk for all chunks at once, each chunk starting from a
 zero state; then the chunk-end states are carried across chunks, and each position adds the carried
 state, decayed to it, to its output. With T = ceil(sqrt(length)) that is about 3 * sqrt(length)
@@ -22,31 +17,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.backend import cuda_kernel
 
 # Elements of the per-step state (rows x d x chunks x n) that one slice of the batch may hold.
 CACHE_SLICE_ELEMENTS = 1 << 20
 METHODS = ("auto", "chunked", "recurrent")
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   backend="auto", chunk_size=None):
-    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature and layout.
-
-    u, delta, z: (batch, d, length); A: (d, n); B, C: (batch, n, length); D, delta_bias: (d,).
-    Returns y: (batch, d, length) in u's dtype. ``chunk_size`` (pure-PyTorch chunked scan only)
-    defaults to ceil(sqrt(length)).
-    """
-    fused = cuda_kernel(backend, u, "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
-    if fused is not None:
-        return fused(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
-
-
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         chunk_size=None, method="auto"):
-    """Pure-PyTorch selective scan; same arguments as :func:`selective_scan`, plus ``method``:
-    "chunked", "recurrent", or "auto" (recurrent when no gradient is needed, else chunked)."""
+                         return_last_state=False, chunk_size=None, method="auto"):
+    """Pure-PyTorch selective scan; arguments as :func:`recbole_ssm.ops.selective_scan.selective_scan`,
+    plus ``chunk_size`` (of the chunked scan; default ceil(sqrt(length))) and ``method``: "chunked",
+    "recurrent", or "auto" (recurrent when no gradient is needed, else chunked)."""
     if method not in METHODS:
         raise ValueError(f"unknown scan method {method!r}; choose one of {', '.join(METHODS)}")
     differentiable = needs_grad(u, delta, A, B, C, delta_bias)
@@ -58,14 +39,15 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     if delta_softplus:
         delta = F.softplus(delta)
     if method == "recurrent" or (method == "auto" and not differentiable):
-        y = _in_slices(_recurrent_scan, 1, u, delta, A, B, C)
+        y, last_state = _in_slices(_recurrent_scan, 1, u, delta, A, B, C)
     else:
-        y = _chunked_scan(u, delta, A, B, C, chunk_size)
+        y, last_state = _chunked_scan(u, delta, A, B, C, chunk_size)
     if D is not None:
         y = y + u * D.to(dtype)[:, None]
     if z is not None:
         y = y * F.silu(z.to(dtype))
-    return y.to(out_dtype)
+    y = y.to(out_dtype)
+    return (y, last_state) if return_last_state else y
 
 
 def _decay(exponent):
@@ -84,20 +66,21 @@ def _decay(exponent):
 
 
 def _in_slices(scan, chunks, u, delta, A, B, C, *args):
-    """``scan`` over slices of the batch whose (rows, d, chunks, n) state stays in cache."""
+    """``scan`` over slices of the batch whose (rows, d, chunks, n) state stays in cache; returns
+    (y, last_state), each concatenated over the slices."""
     batch, d, _ = u.shape
     rows = max(1, CACHE_SLICE_ELEMENTS // (d * chunks * A.shape[1]))
     if rows >= batch:
         return scan(u, delta, A, B, C, *args)
-    return torch.cat([
-        scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], *args)
-        for i in range(0, batch, rows)
-    ])
+    slices = [scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], *args)
+              for i in range(0, batch, rows)]
+    return tuple(torch.cat(parts) for parts in zip(*slices))
 
 
 def _recurrent_scan(u, delta, A, B, C):
-    """y_t = <h_t, C_t> by the recurrence, one in-place update per position: for inference only
-    (in-place updates leave autograd nothing to differentiate). Shapes as in :func:`selective_scan`."""
+    """(y, h_length): y_t = <h_t, C_t> by the recurrence, one in-place update per position, for
+    inference only (in-place updates leave autograd nothing to differentiate). Shapes as in
+    :func:`selective_scan_torch`; the last state is (b, d, n)."""
     batch, d, length = u.shape
     state = u.new_zeros(batch, d, A.shape[1])                            # (b, d, n)
     decay = torch.empty_like(state)
@@ -111,14 +94,14 @@ def _recurrent_scan(u, delta, A, B, C):
         torch.mul(step_rate[t], A, out=decay)
         state.mul_(decay.exp_()).addcmul_(drive[t], B_t[t])
         torch.matmul(state, C_t[t], out=y[t])
-    return y.squeeze(-1).permute(1, 2, 0)                               # (b, d, l)
+    return y.squeeze(-1).permute(1, 2, 0), state                        # (b, d, l), (b, d, n)
 
 
 def _chunked_scan(u, delta, A, B, C, chunk_size):
     """:func:`_two_level_scan` with ``chunk_size`` (default ceil(sqrt(length))), in cache-sized slices."""
     batch, d, length = u.shape
     if length == 0:
-        return u.new_zeros(batch, d, 0)
+        return u.new_zeros(batch, d, 0), u.new_zeros(batch, d, A.shape[1])
     steps = chunk_size or math.isqrt(length - 1) + 1
     if steps < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -133,8 +116,8 @@ def _two_level_scan_recomputed(u, delta, A, B, C, steps, chunks):
 
 
 def _two_level_scan(u, delta, A, B, C, steps, chunks):
-    """y_t = <h_t, C_t> of the recurrence above, from h_0 = 0, with ``chunks`` chunks of ``steps``
-    positions. Shapes as in :func:`selective_scan`."""
+    """(y, h_length): y_t = <h_t, C_t> of the recurrence, from h_0 = 0, with ``chunks`` chunks of
+    ``steps`` positions. Shapes as in :func:`selective_scan_torch`."""
     batch, d, length = u.shape
     pad = chunks * steps - length  # padded steps have delta = 0: the identity map, no output used
 
@@ -172,4 +155,4 @@ def _two_level_scan(u, delta, A, B, C, steps, chunks):
         for local, decay, C_j in zip(local_out, delta_s.cumsum(0).unbind(0), C_steps)
     ]                                                                    # T x (b, chunks, d, 1)
     out = torch.cat(out, dim=-1).transpose(1, 2)                         # (b, d, chunks, T)
-    return out.flatten(-2)[..., :length]                                 # (b, d, length)
+    return out.flatten(-2)[..., :length], carry                         # (b, d, length), (b, d, n)
