@@ -58,10 +58,11 @@ def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1, 
 
 
 @njit(**JIT_OPTIONS)
-def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
-              du, ddelta, dz, dA_T, dB, dC, dD, dbias, b0, b1, chunk):
-    """Gradients of :func:`_forward` (from a zero state) for rows b0:b1, all channels. du, ddelta, dz:
-    like u; dB, dC: like B (these are written); dA_T (n, d), dD, dbias (d,): accumulated into."""
+def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
+              du, ddelta, dz, dA_T, dB, dC, dD, dbias, d_initial, b0, b1, chunk):
+    """Gradients of :func:`_forward` from the states ``initial`` (batch, n, d), for rows b0:b1, all
+    channels. du, ddelta, dz: like u; dB, dC: like B; d_initial: like initial (these are written);
+    dA_T (n, d), dD, dbias (d,): accumulated into."""
     length, d_inner = u.shape[1], u.shape[2]
     n_state = A_T.shape[0]
     chunks = (length + chunk - 1) // chunk
@@ -76,9 +77,9 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
     grad_hB = np.empty(d_inner, u.dtype)                       # sum_n dL/dh_t[n] B_t[n]
     grad_decay = np.empty(d_inner, u.dtype)                    # sum_n dL/da_t[n] a_t[n] A[n]
     for b in range(b0, b1):
-        # States entering each chunk (a chunk of one sequence starts from zero: no pass needed).
+        # States entering each chunk (no pass needed when the sequence is one chunk).
         h = states[0]
-        h[:] = 0
+        h[:] = initial[b]
         for t in range(length if chunks > 1 else 0):
             if t % chunk == 0:
                 entering[t // chunk] = h
@@ -93,10 +94,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
         for c in range(chunks - 1, -1, -1):
             t0 = c * chunk
             t1 = min(length, t0 + chunk)
-            if chunks > 1:
-                states[0] = entering[c]
-            else:
-                states[0] = 0
+            states[0] = entering[c] if chunks > 1 else initial[b]
             # Recompute the chunk's states, decays and read-outs.
             for t in range(t0, t1):
                 j = t - t0
@@ -153,6 +151,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
                         grad_dt /= 1 + exp32(-(delta[b, t, d] + bias[d]))  # softplus' = sigmoid
                     ddelta[b, t, d] = grad_dt
                     dbias[d] += grad_dt
+        d_initial[b] = grad_h
 
 
 def _time_major(t, dtype):
@@ -164,16 +163,17 @@ def _time_major(t, dtype):
 class _FusedSelectiveScan(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_last_state):
         dtype = torch.promote_types(u.dtype, torch.float32)
         batch, d_inner, length = u.shape
+        initial = (torch.zeros(batch, A.shape[1], d_inner, dtype=dtype) if initial_state is None
+                   else initial_state.detach().to(dtype).transpose(1, 2).contiguous())    # (b, n, d)
         inputs = (_time_major(u, dtype), _time_major(delta, dtype), A.detach().to(dtype).t().contiguous(),
-                  _time_major(B, dtype), _time_major(C, dtype),
-                  _vector_or_zeros(D, d_inner, dtype),
+                  _time_major(B, dtype), _time_major(C, dtype), _vector_or_zeros(D, d_inner, dtype),
                   _time_major(z, dtype) if z is not None else torch.empty(0, 0, 0, dtype=dtype),
                   _vector_or_zeros(delta_bias, d_inner, dtype))
         out = torch.empty(batch, length, d_inner, dtype=dtype)
-        state = torch.zeros(batch, A.shape[1], d_inner, dtype=dtype)   # (b, n, d)
+        state = initial.clone()        # the kernel turns it into the last state
         arrays = [t.numpy() for t in inputs]
         out_np, state_np = out.numpy(), state.numpy()
 
@@ -185,47 +185,37 @@ class _FusedSelectiveScan(torch.autograd.Function):
         else:  # few rows: the channels are independent, split them instead
             for b in range(batch):
                 run_parts(lambda d0, d1: scan(b, b + 1, d0, d1), split(d_inner, threads()))
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs, initial)
         ctx.delta_softplus = bool(delta_softplus)
-        ctx.input_dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype,
-                            None if D is None else D.dtype, None if z is None else z.dtype,
-                            None if delta_bias is None else delta_bias.dtype)
+        ctx.input_dtypes = [None if t is None else t.dtype
+                            for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         y = out.transpose(1, 2).to(u.dtype)
-        if return_last_state:
-            last_state = state.transpose(1, 2)                          # (b, d, n)
-            ctx.mark_non_differentiable(last_state)
-            return y, last_state
-        return y
+        if not return_last_state:
+            return y
+        last_state = state.transpose(1, 2)                                  # (b, d, n)
+        ctx.mark_non_differentiable(last_state)
+        return y, last_state
 
     @staticmethod
     def backward(ctx, grad_out, *grad_last_state):  # the last state is not differentiable
-        u, delta, A_T, B, C, D, z, bias = ctx.saved_tensors
-        batch, length, d_inner = u.shape
-        grad_out = _time_major(grad_out, u.dtype)
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dz = torch.empty_like(z)
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        u, delta, A_T, B, C, D, z, bias, initial = ctx.saved_tensors
+        grads = [torch.empty_like(t) for t in (u, u, z, B, C, initial)]   # du, ddelta, dz, dB, dC, d_initial
+        du, ddelta, dz, dB, dC, d_initial = (t.numpy() for t in grads)
         arrays = [t.numpy() for t in (u, delta, A_T, B, C, D, z, bias)]
-        shared = [t.numpy() for t in (grad_out, du, ddelta, dz)]
-        dB_np, dC_np = dB.numpy(), dC.numpy()
+        grad_out = _time_major(grad_out, u.dtype).numpy()
 
-        def scan(b0, b1):  # per-thread sums of the parameters' gradients
+        def scan(b0, b1):  # each thread sums the parameters' gradients over its rows
             dA_T, dD, dbias = np.zeros_like(arrays[2]), np.zeros_like(arrays[5]), np.zeros_like(arrays[7])
-            _backward(*arrays, ctx.delta_softplus, *shared, dA_T, dB_np, dC_np, dD, dbias, b0, b1,
-                      BACKWARD_CHUNK)
+            _backward(*arrays, ctx.delta_softplus, initial.numpy(), grad_out, du, ddelta, dz, dA_T, dB, dC,
+                      dD, dbias, d_initial, b0, b1, BACKWARD_CHUNK)
             return dA_T, dD, dbias
 
-        parts = run_parts(scan, split(batch, threads()))
-        dA_T, dD, dbias = (torch.from_numpy(sum(p[i] for p in parts)) for i in range(3))
-        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, D_dtype, z_dtype, bias_dtype = ctx.input_dtypes
-
-        def back(t, dtype):  # (batch, length, c) -> (batch, c, length) in the input's dtype
-            return t.transpose(1, 2).to(dtype)
-
-        return (back(du, u_dtype), back(ddelta, delta_dtype), dA_T.t().to(A_dtype), back(dB, B_dtype),
-                back(dC, C_dtype), None if D_dtype is None else dD.to(D_dtype),
-                None if z_dtype is None else back(dz, z_dtype),
-                None if bias_dtype is None else dbias.to(bias_dtype), None, None)
+        parts = run_parts(scan, split(u.shape[0], threads()))
+        dA_T, dD, dbias = (torch.from_numpy(sum(part[i] for part in parts)) for i in range(3))
+        du, ddelta, dz, dB, dC, d_initial = (t.transpose(1, 2) for t in grads)  # back to the callers' layout
+        grads = (du, ddelta, dA_T.t(), dB, dC, dD, dz, dbias, d_initial)
+        return tuple(None if dtype is None else grad.to(dtype)
+                     for grad, dtype in zip(grads, ctx.input_dtypes)) + (None, None)
 
 
 def _vector_or_zeros(t, size, dtype):
@@ -233,8 +223,9 @@ def _vector_or_zeros(t, size, dtype):
 
 
 def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False):
+                         initial_state=None, return_last_state=False):
     """The selective scan by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.selective_scan.selective_scan` (CPU tensors; computed in float32, or in
     float64 for float64 inputs)."""
-    return _FusedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _FusedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                     return_last_state)
