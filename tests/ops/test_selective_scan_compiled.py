@@ -135,7 +135,8 @@ def test_two_threads_agree_with_one(batch):
         torch.set_num_threads(threads)
     torch.testing.assert_close(two, one, rtol=0, atol=0)   # rows and channels are independent
     for name in NAMES:  # parameter gradients are summed over threads in another order
-        torch.testing.assert_close(two_grads[name], one_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+        scale = one_grads[name].abs().max().item()
+        torch.testing.assert_close(two_grads[name], one_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_chunked_backward_equals_one_chunk(monkeypatch):
