@@ -10,8 +10,9 @@ Three implementations of one function:
   - mamba-ssm's Triton kernel ``mamba_chunk_scan_combined``.
 :func:`ssd_scan` picks one per call (see :mod:`recbole_ssm.ops.backend`).
 """
-from recbole_ssm.ops.backend import cuda_kernel
-from recbole_ssm.ops.ssd.chunked import check_shapes, ssd_scan_torch
+from recbole_ssm.ops.backend import use_cuda
+from recbole_ssm.ops.ssd import cuda
+from recbole_ssm.ops.ssd.chunked import ssd_scan_torch
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False, mask=None,
@@ -25,14 +26,11 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_fin
     if mask is not None:
         x = x.masked_fill(~mask[..., None, None], 0)
         dt = dt.masked_fill(~mask[..., None], 0)
-    kernel = cuda_kernel(backend, x, "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
-    if kernel is None:
+    if use_cuda(backend, cuda.KERNEL, x, lambda: cuda.unmet(x, dt, B, C, D)):
+        out = cuda.ssd_scan(x, dt, A, B, C, chunk_size, D, initial_states, return_final_states)
+    else:
         out = ssd_scan_torch(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states,
                              return_final_states=return_final_states)
-    else:
-        check_shapes(x, dt, A, B, C, chunk_size)
-        out = kernel(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states,
-                     return_final_states=return_final_states)
     y, final_states = out if return_final_states else (out, None)
     if mask is not None:
         y = y.masked_fill(~mask[..., None, None], 0)
