@@ -1,7 +1,8 @@
 """The CUDA dispatch, run on the CPU through stand-ins for mamba-ssm's and causal-conv1d's kernels
 (tests/cuda_standins.py), which check every call against the real kernels' preconditions.
 
-What a GPU run adds (tests/gpu): the kernels' own arithmetic, and that the real modules load.
+What only a GPU run can add (the GPU-readiness issue plans it as tests/gpu): the kernels' own
+arithmetic, and that the real modules load.
 """
 import configparser
 import copy
