@@ -24,3 +24,16 @@ def test_matches_grouped_conv1d(causal, width, activation):
 def test_centred_needs_odd_width():
     with pytest.raises(ValueError, match="odd width"):
         depthwise_conv1d(torch.zeros(1, 2, 5), torch.zeros(2, 1, 4), causal=False)
+
+
+@pytest.mark.parametrize("causal,width", [(True, 4), (False, 3)])
+def test_keeps_the_input_dtype_under_autocast(causal, width):
+    # Under autocast the activations are bfloat16 while the weight stays float32; the result has the
+    # activations' dtype, as causal-conv1d's has (the selective scan needs u in delta's dtype).
+    conv = torch.nn.Conv1d(8, 8, width, groups=8, padding=width - 1 if causal else width // 2)
+    x = torch.randn(2, 8, 10).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = depthwise_conv1d(x, conv.weight, conv.bias, causal=causal, backend="torch")
+    assert got.dtype == torch.bfloat16
+    expected = F.silu(conv(x.float())[..., :10] if causal else conv(x.float()))
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
