@@ -1,6 +1,6 @@
 """The fixes that let RecBole 1.2.1 run on today's Python, NumPy and PyTorch, in one place.
 
-:func:`apply` (called by ``import recbole_ssm``) makes seven targeted changes to RecBole, each one
+:func:`apply` (called by ``import recbole_ssm``) makes eight targeted changes to RecBole, each one
 covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
 
 1. NumPy 2: ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and friends; NumPy 2
@@ -29,6 +29,10 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
    again per element.
 7. pandas 3's read-only column arrays make PyTorch warn when RecBole turns a column into a tensor;
    that warning is silenced for RecBole's dataset code, which drops each frame once converted.
+8. Importing RecBole's sequential models (``recbole/model/sequential_recommender/sine.py``) calls
+   ``torch.autograd.set_detect_anomaly(True)`` for the whole process, which made every backward pass
+   check each gradient for NaN and record a traceback per operation (SASRec's training step took 1.6x
+   as long). The package is imported once here and autograd's anomaly mode put back as it was.
 """
 import contextlib
 import enum
@@ -281,6 +285,13 @@ def _apply_dataset_fixes():
         setattr(cls, method, _run_within(series_agg_len_per_element, cls.__dict__[method]))
 
 
+def _import_sequential_models_without_anomaly_mode():
+    """Import RecBole's sequential models, keeping autograd's anomaly mode as it was (fix 8)."""
+    anomaly_mode = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+    importlib.import_module("recbole.model.sequential_recommender")
+    torch.autograd.set_detect_anomaly(*anomaly_mode)
+
+
 def apply():
     """Apply the fixes above; idempotent."""
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -302,3 +313,4 @@ def apply():
     quick_start_module.load_data_and_model = quick_start.load_data_and_model = wrapped
 
     _apply_dataset_fixes()
+    _import_sequential_models_without_anomaly_mode()

@@ -126,3 +126,22 @@ def test_crafted_checkpoint_refused(tmp_path, trainer_and_checkpoint, payload, n
             load(str(crafted))
     assert not marker.exists()
     assert torch.load is original_load
+
+
+def test_recbole_models_leave_autograd_anomaly_mode_off():
+    """RecBole's sine.py turns on anomaly detection for the whole process when its sequential models
+    are imported; after ``import recbole_ssm`` the mode stays as it was, off or on."""
+    result = run_python(
+        "import torch\n"
+        "import recbole_ssm\n"
+        "from recbole.utils import get_model\n"
+        "import recbole.model.sequential_recommender.sine\n"
+        "get_model('SASRec')\n"
+        "assert not torch.is_anomaly_enabled()\n")
+    assert result.returncode == 0, result.stderr
+    result = run_python(
+        "import torch\n"
+        "torch.autograd.set_detect_anomaly(True)\n"
+        "import recbole_ssm\n"
+        "assert torch.is_anomaly_enabled()\n")
+    assert result.returncode == 0, result.stderr
