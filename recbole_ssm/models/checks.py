@@ -13,8 +13,6 @@ import logging
 import math
 from numbers import Real
 
-import numpy as np
-
 from recbole_ssm.modules.arguments import is_integer
 from recbole_ssm.ops.backend import BACKENDS
 
