@@ -9,7 +9,9 @@ files, config dicts and the command line override them in RecBole's usual order.
 
 For our models, two checks of :mod:`recbole_ssm.models.checks` run inside RecBole: the settings, once
 ``Config`` has merged them and before it completes them (so before any data is loaded), and the
-evaluation splits, right after ``SequentialDataset.build`` made them (before training).
+evaluation splits, right after ``SequentialDataset.build`` made them (before training). For every
+model, ``Config`` reads config files with ``checks.read_config_files``: a missing, invalid or empty
+file gets a one-line error (or, empty, no settings) instead of a traceback from deep inside RecBole.
 """
 import functools
 import importlib
@@ -88,6 +90,12 @@ def register():
             return splits
         return build_then_check_splits
 
+    def config_files_checked(_):
+        def load_config_files(self, file_list):
+            return checks.read_config_files(file_list, self.yaml_loader)
+        return load_config_files
+
+    _wrap_once(Config, "_load_config_files", config_files_checked)
     _wrap_once(Config, "_update_internal_config_dict", model_defaults_after_overall_yaml)
     _wrap_once(Config, "_set_default_parameters", settings_checked_first)
     _wrap_once(SequentialDataset, "build", splits_checked)

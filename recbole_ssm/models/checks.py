@@ -5,13 +5,16 @@
   RecBole's ``Config`` is built, before any data is loaded;
 - :func:`check_run_config`: that, plus the RecBole keys our runs depend on, and the negative sampling
   that ``loss_type: BPR`` needs (a default when none is given);
-- :func:`check_splits`: that the evaluation splits RecBole built can be evaluated, before training.
+- :func:`check_splits`: that the evaluation splits RecBole built can be evaluated, before training;
+- :func:`read_config_files`: config files read for RecBole (any model), each one a YAML mapping.
 
 Every refusal is a :class:`RunCheckError` whose text names the key, its value and what is allowed.
 """
 import logging
 import math
 from numbers import Real
+
+import yaml
 
 from recbole_ssm.modules.arguments import is_integer
 from recbole_ssm.ops.backend import BACKENDS
@@ -190,3 +193,23 @@ def check_splits(dataset, interactions_per_user, train, valid, test):
         logging.getLogger().warning(
             f"the validation split is empty with eval_args split {split} ({counts}{minimum('valid')}): "
             "no early stopping; the model of the last epoch is tested")
+
+
+def read_config_files(paths, loader):
+    """The settings of these YAML files, later files overriding earlier ones, read with RecBole's
+    ``loader``; an empty file is no settings. A missing file, invalid YAML, or a document that is
+    not a mapping of keys is a :class:`RunCheckError` naming the file."""
+    settings = {}
+    for path in paths or ():
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = yaml.load(handle, Loader=loader)  # its errors name the file
+        except OSError as error:
+            raise RunCheckError(f"config file {path}: {error.strerror}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RunCheckError(f"config file {path} is not valid YAML: {error}") from None
+        if document is not None and not isinstance(document, dict):
+            raise RunCheckError(f"config file {path} must hold 'key: value' lines, not a "
+                                f"{type(document).__name__}")
+        settings.update(document or {})
+    return settings

@@ -128,6 +128,30 @@ def test_cli_refuses_before_loading_data(tmp_path, option, named):
     assert not (tmp_path / "log").exists()  # refused before RecBole's logger, let alone the data
 
 
+@pytest.mark.parametrize("model", ["Mamba4Rec", "SASRec"])  # config files are read for any model
+@pytest.mark.parametrize("content,message", [
+    (None, r"config file {path}: No such file or directory$"),
+    ("- epochs\n- 3\n", r"config file {path} must hold 'key: value' lines, not a list$"),
+    ("epochs: [1, 2\n", r"config file {path} is not valid YAML: while parsing a flow sequence\n"
+                         r'  in "{path}", line 1'),
+    (b"\xff: 1\n", r"config file {path} is not valid YAML: 'utf-8' codec can't decode byte 0xff"),
+])
+def test_bad_config_files(tmp_path, model, content, message):
+    path = tmp_path / "settings.yaml"
+    if content is not None:
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with pytest.raises(RunCheckError, match="^" + message.format(path=re.escape(str(path)))):
+        Config(model=model, dataset="ml-100k", config_file_list=[str(path)])
+
+
+def test_empty_config_file_is_no_settings(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "later.yaml").write_text("d_state: 12\n")
+    config = Config(model="Mamba4Rec", dataset="ml-100k",
+                    config_file_list=[str(tmp_path / "later.yaml"), str(tmp_path / "empty.yaml")])
+    assert config["d_state"] == 12
+
+
 # ------------------------------------------------------------------- tiny datasets: splits, BPR
 
 
