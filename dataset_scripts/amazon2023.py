@@ -32,6 +32,7 @@ from .interactions import ConversionReport, InteractionLog
 
 ENCODING = "utf-8"  # JSON Lines are UTF-8
 RATING_RANGE = (1, 5)  # stars
+
 ITEM_FIELDS = (
     Field("item_id", "token"),
     Field("title", "token_seq"),

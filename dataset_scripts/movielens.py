@@ -60,7 +60,7 @@ def split_dat_line(text, columns):
     return values
 
 
-def parse_id(value, column):
+def parse_movielens_id(value, column):
     """A MovieLens id: decimal digits, written without leading zeros (so that ``01`` in one file
     and ``1`` in another are the same id); ``BadLine`` otherwise."""
     if not value:
@@ -87,8 +87,8 @@ def parse_rating_line(text):
     """``UserID::MovieID::Rating::Timestamp`` -> (user, item, rating, timestamp in seconds)."""
     user, item, rating, timestamp = split_dat_line(text, RATING_COLUMNS)
     return (
-        parse_id(user, "UserID"),
-        parse_id(item, "MovieID"),
+        parse_movielens_id(user, "UserID"),
+        parse_movielens_id(item, "MovieID"),
         float(parse_number(rating, "Rating", *RATING_RANGE)),
         parse_integer(timestamp, "Timestamp", minimum=0),
     )
@@ -98,14 +98,14 @@ def parse_movie_line(text):
     """``MovieID::Title::Genres`` -> an ``.item`` row."""
     item, title, genres = split_dat_line(text, MOVIE_COLUMNS)
     title, year = split_title_year(clean_text(title))
-    return (parse_id(item, "MovieID"), title, year, as_token_seq(genres.split("|")))
+    return (parse_movielens_id(item, "MovieID"), title, year, as_token_seq(genres.split("|")))
 
 
 def parse_user_line(text):
     """``UserID::Gender::Age::Occupation::Zip-code`` -> a ``.user`` row."""
     user, *features = split_dat_line(text, USER_COLUMNS)
     gender, age, occupation, zip_code = (clean_text(value) for value in features)
-    return (parse_id(user, "UserID"), age, gender, occupation, zip_code)
+    return (parse_movielens_id(user, "UserID"), age, gender, occupation, zip_code)
 
 
 def convert_ml1m(input_dir, output_dir, kcore=None, skip_bad_lines=False, progress=None,
