@@ -14,6 +14,7 @@ import logging
 import math
 from numbers import Real
 
+import torch
 import yaml
 
 from recbole_ssm.modules.arguments import is_integer
@@ -101,7 +102,8 @@ def check_model_config(model_class, config):
 def check_run_config(model_class, config):
     """Before RecBole completes its ``Config`` (``config``: the dict of final values): for
     ``loss_type: BPR`` without ``train_neg_sample_args``, set ``BPR_DEFAULT_NEGATIVES``; then
-    :func:`check_model_config` and the RecBole keys a run of our models depends on."""
+    :func:`check_model_config`, the RecBole keys a run of our models depends on, and a CUDA device
+    for ``ssm_backend: cuda``."""
     if config.get("loss_type") == "BPR" and config.get("train_neg_sample_args") in (None, "None"):
         config["train_neg_sample_args"] = dict(BPR_DEFAULT_NEGATIVES)
     check_model_config(model_class, config)
@@ -112,6 +114,8 @@ def check_run_config(model_class, config):
     _number("learning_rate", _value(config, "learning_rate"), 0, open_minimum=True)
     _number("weight_decay", _value(config, "weight_decay"), 0)
     _check_valid_metric(config)
+    if config.get("ssm_backend") == "cuda" and not torch.cuda.is_available():
+        _refuse("ssm_backend", "cuda", "PyTorch sees no CUDA device here; use auto or torch")
 
 
 def _as_list(value):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.quick_start import run_recbole
@@ -68,6 +69,12 @@ def test_hydra_needs_an_odd_d_conv():
 def test_cuda_backend_needs_a_conv_width_its_kernel_has(model):
     assert refused(model, ssm_backend="cuda", d_conv=7) == (
         "d_conv = 7 is not allowed: with ssm_backend: cuda, causal-conv1d's kernel takes widths 2 to 4")
+
+
+def test_cuda_backend_needs_a_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert refused("Hydra4Rec", ssm_backend="cuda") == (
+        "ssm_backend = 'cuda' is not allowed: PyTorch sees no CUDA device here; use auto or torch")
 
 
 @pytest.mark.parametrize("key,value,allowed", [
