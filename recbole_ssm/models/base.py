@@ -3,11 +3,10 @@ import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
-from recbole.utils import InputType, set_color
+from recbole.utils import set_color
 
+from recbole_ssm.models.checks import check_model_config
 from recbole_ssm.modules.layer import MixerLayer
-
-LOSS_TYPES = ("CE", "BPR")
 
 
 class SSMSequentialRecommender(SequentialRecommender):
@@ -17,14 +16,19 @@ class SSMSequentialRecommender(SequentialRecommender):
     Subclasses name their block in ``mixer_class``, a module called as ``mixer(x, mask)`` with
     x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real items, and built as
     ``mixer_class(d_model=hidden_size, backend=ssm_backend, **{key: config[key] for key in
-    mixer_config_keys})``.
+    mixer_config_keys})``; ``centred_conv``: whether the block's convolution is centred (odd
+    ``d_conv``) rather than causal. Every key read is checked first (:mod:`recbole_ssm.models.checks`).
+
+    No ``input_type``: as for RecBole's SASRec, RecBole derives it from ``loss_type`` (pointwise for CE,
+    pairwise for BPR, whose batches then carry a negative item).
     """
 
-    input_type = InputType.POINTWISE
     mixer_class = None
     mixer_config_keys = ()
+    centred_conv = False
 
     def __init__(self, config, dataset):
+        check_model_config(type(self), config)
         super().__init__(config, dataset)
         self.hidden_size = config["hidden_size"]
         self.num_layers = config["num_layers"]
@@ -42,10 +46,11 @@ class SSMSequentialRecommender(SequentialRecommender):
         )
         if self.loss_type == "BPR":
             self.loss_fct = BPRLoss()
-        elif self.loss_type == "CE":
-            self.loss_fct = nn.CrossEntropyLoss()
+            negatives = config["train_neg_sample_args"]
+            self.logger.info(f"BPR loss: {negatives['sample_num']} {negatives['distribution']} "
+                             "negative item(s) per positive (train_neg_sample_args)")
         else:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            self.loss_fct = nn.CrossEntropyLoss()
         self.apply(self._init_weights)
 
     def build_mixer(self, config):

@@ -82,11 +82,6 @@ def test_bpr_loss(make_config, ml100k, batch):
     torch.testing.assert_close(net.calculate_loss(data), -torch.log(1e-10 + torch.sigmoid(margin)).mean())
 
 
-def test_unknown_loss_type(make_config, ml100k):
-    with pytest.raises(ValueError, match="loss_type must be one of"):
-        build(make_config, ml100k, "Mamba4Rec", loss_type="MSE")
-
-
 @pytest.mark.parametrize("num_layers,residual", [(1, False), (2, True)])
 def test_residual_only_when_stacked(make_config, ml100k, num_layers, residual):
     net = build(make_config, ml100k, "Mamba4Rec", num_layers=num_layers)
