@@ -13,8 +13,9 @@ class SSMSequentialRecommender(SequentialRecommender):
     """item embedding -> dropout -> LayerNorm -> ``num_layers`` x (mixer + feed-forward) -> the
     representation at each user's last real item, scored against the whole item embedding table.
 
-    Subclasses name their block in ``mixer_class``, a module called as ``mixer(x, mask)`` with
-    x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real items, and built as
+    Subclasses name their block in ``mixer_class``, a module with a ``causal`` attribute, called as
+    ``mixer(x, mask)`` with x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real
+    items (None for a causal block), and built as
     ``mixer_class(d_model=hidden_size, backend=ssm_backend, **{key: config[key] for key in
     mixer_config_keys})``; ``centred_conv``: whether the block's convolution is centred (odd
     ``d_conv``) rather than causal. Every key read is checked first (:mod:`recbole_ssm.models.checks`).
@@ -70,13 +71,19 @@ class SSMSequentialRecommender(SequentialRecommender):
             module.bias.data.zero_()
 
     def forward(self, item_seq, item_seq_len):
-        """item_seq: (batch, length) right-padded with 0; item_seq_len: (batch,) -> (batch, hidden)."""
-        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
-        mask = positions < item_seq_len.unsqueeze(1)                # (b, l), True on real items
+        """item_seq: (batch, length) right-padded with 0; item_seq_len: (batch,) -> (batch, hidden), the
+        representation at each user's last real item.
+
+        A causal block never lets a position see later ones, so right padding cannot reach a real
+        item and needs no mask; a bidirectional one (Hydra) is given the mask of real items. The last
+        layer computes its position-wise part at the last real items only."""
+        mask = None
+        if not self.layers[0].mixer.causal:
+            mask = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len.unsqueeze(1)
         hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             hidden = layer(hidden, mask)
-        return self.gather_indexes(hidden, item_seq_len - 1)
+        return self.layers[-1](hidden, mask, positions=item_seq_len - 1)
 
     def calculate_loss(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

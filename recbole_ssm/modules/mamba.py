@@ -35,6 +35,8 @@ class MambaBlock(nn.Module):
         padded inputs, which for right-padded sequences never reach a real position anyway.
     """
 
+    causal = True
+
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_init_floor=1e-4, conv_bias=True, bias=False, backend="auto"):
         super().__init__()
