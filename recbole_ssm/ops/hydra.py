@@ -10,11 +10,15 @@ Hwang, Lahoti, Dao & Gu, "Hydra: Bidirectional State Space Models Through Genera
 i.e. a forward SSD scan shifted one step later (position t reads the scan's output at t-1, which has
 seen x up to t-1), a backward SSD scan of the reversed sequence shifted likewise (position t reads
 positions t+1 on), and a diagonal. As in the reference implementation the two directions share x, A and
-the dt bias, but have their own dt, B and C; both scans run as one call on a batch of 2b sequences.
+the dt bias, but have their own dt, B and C. On a CPU with the compiled kernels both scans run in one
+pass over the inputs as they are (:func:`recbole_ssm.ops.ssd.fused_recurrent.shifted_bidirectional_scans_fused`);
+otherwise they run as one :func:`recbole_ssm.ops.ssd.ssd_scan` call on a batch of 2b sequences, the
+forward ones and the flipped ones, and are shifted and summed afterwards.
 """
 import torch
 import torch.nn.functional as F
 
+from recbole_ssm.ops.backend import use_compiled
 from recbole_ssm.ops.ssd import ssd_scan
 
 
@@ -36,11 +40,17 @@ def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size,
         dt_fwd, dt_bwd = dt_fwd.masked_fill(pad, 0), dt_bwd.masked_fill(pad, 0)
         C_fwd, C_bwd = C_fwd.masked_fill(pad[..., None], 0), C_bwd.masked_fill(pad[..., None], 0)
 
-    def both(fwd, bwd):  # the forward sequences, then the reversed ones, along the batch: (2b, l, ...)
-        return torch.cat([fwd, bwd.flip(1)])
+    if use_compiled(backend, x):
+        from recbole_ssm.ops.ssd.fused_recurrent import shifted_bidirectional_scans_fused
 
-    y = ssd_scan(both(x, x), both(dt_fwd, dt_bwd), A, both(B_fwd, B_bwd), both(C_fwd, C_bwd), chunk_size,
-                 backend=backend)  # (2b, l, h, p)
-    y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))  # shift one step later: y[t] <- y[t-1], y[0] <- 0
-    y = (y[:b] + y[b:].flip(1) + x * D.unsqueeze(-1)).to(x.dtype)  # D: (h, 1) or (b, l, h, 1)
+        y = shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd)
+    else:
+        def both(fwd, bwd):  # the forward sequences, then the reversed ones, along the batch: (2b, l, ...)
+            return torch.cat([fwd, bwd.flip(1)])
+
+        y = ssd_scan(both(x, x), both(dt_fwd, dt_bwd), A, both(B_fwd, B_bwd), both(C_fwd, C_bwd), chunk_size,
+                     backend=backend)  # (2b, l, h, p)
+        y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))  # shift one step later: y[t] <- y[t-1], y[0] <- 0
+        y = y[:b] + y[b:].flip(1)
+    y = (y + x * D.unsqueeze(-1)).to(x.dtype)  # D: (h, 1) or (b, l, h, 1)
     return y if mask is None else y.masked_fill(~mask[..., None, None], 0)

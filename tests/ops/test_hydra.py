@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from recbole_ssm.ops.hydra import hydra_mixer
+from recbole_ssm.ops.ssd import fused_recurrent
 from tests.ssd_reference import heads
 
 F64 = torch.float64
@@ -45,20 +46,22 @@ def quasiseparable(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D):
     return torch.einsum("bhts,bshp->bthp", Q, x)
 
 
-@pytest.mark.parametrize("l, chunk_size, g, data_dependent_D", [
-    (6, 2, 2, True), (7, 3, 1, True), (5, 16, 4, False), (1, 4, 2, True),
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("b, l, chunk_size, g, data_dependent_D", [
+    (2, 6, 2, 2, True), (2, 7, 3, 1, True), (2, 5, 16, 4, False), (2, 1, 4, 2, True), (1, 9, 4, 2, True),
 ])
-def test_matches_quasiseparable_matrix(l, chunk_size, g, data_dependent_D):
-    inputs = make_inputs(l=l, g=g, data_dependent_D=data_dependent_D)
-    y = hydra_mixer(**inputs, chunk_size=chunk_size, backend="torch")
+def test_matches_quasiseparable_matrix(b, l, chunk_size, g, data_dependent_D, backend):
+    inputs = make_inputs(b=b, l=l, g=g, data_dependent_D=data_dependent_D)
+    y = hydra_mixer(**inputs, chunk_size=chunk_size, backend=backend)
     assert y.shape == inputs["x"].shape and y.dtype == F64
     torch.testing.assert_close(y, quasiseparable(**inputs), rtol=0, atol=1e-10)
 
 
-def test_padding_invariance():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_padding_invariance(backend):
     """Positions appended with mask False change nothing at the real ones; their outputs are 0."""
     real = make_inputs(b=1, l=5)
-    y_real = hydra_mixer(**real, chunk_size=2)
+    y_real = hydra_mixer(**real, chunk_size=2, backend=backend)
     for pad in (1, 3, 8):
         padded = make_inputs(b=1, l=5 + pad, seed=1)  # random, large junk at the padded positions
         for name, value in real.items():
@@ -66,39 +69,68 @@ def test_padding_invariance():
                 padded[name][:, :5] = value
         padded["A"] = real["A"]
         mask = torch.arange(5 + pad).unsqueeze(0) < 5
-        y = hydra_mixer(**padded, chunk_size=2, mask=mask)
+        y = hydra_mixer(**padded, chunk_size=2, mask=mask, backend=backend)
         torch.testing.assert_close(y[:, :5], y_real, rtol=0, atol=1e-10)
         assert (y[:, 5:] == 0).all()
 
 
-def test_mask_matches_matrix_on_the_real_part():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_mask_matches_matrix_on_the_real_part(backend):
     inputs = make_inputs(b=2, l=7)
     mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
-    y = hydra_mixer(**inputs, chunk_size=3, mask=mask)
+    y = hydra_mixer(**inputs, chunk_size=3, mask=mask, backend=backend)
     short = {k: (v[1:, :3] if v.dim() > 1 else v) for k, v in inputs.items()}
     torch.testing.assert_close(y[1, :3], quasiseparable(**short)[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(y[0], quasiseparable(**inputs)[0], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
-def test_padding_on_both_sides_is_removing_it(chunk_size):
+def test_padding_on_both_sides_is_removing_it(chunk_size, backend):
     """Padding before and after the real positions acts as if it were not there; its outputs are 0."""
     inputs = make_inputs(b=2, l=9)
     mask = torch.tensor([[False, False, True, True, True, True, True, False, False],
                          [False, True, True, True, True, True, True, True, True]])
-    y = hydra_mixer(**inputs, chunk_size=chunk_size, mask=mask)
+    y = hydra_mixer(**inputs, chunk_size=chunk_size, mask=mask, backend=backend)
     for i in range(2):
         kept = {k: (v[i:i + 1, mask[i]] if v.dim() > 1 else v) for k, v in inputs.items()}
         torch.testing.assert_close(y[i, mask[i]], quasiseparable(**kept)[0], rtol=0, atol=1e-10)
         assert (y[i, ~mask[i]] == 0).all()
 
 
-def test_gradcheck():
-    inputs = make_inputs(b=1, l=4, h=2, p=2, g=1, n=2)
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_gradcheck(backend, monkeypatch):
+    """Gradients of every input; the compiled backward in chunks of 2 positions (several chunks per
+    direction, the reversed one included)."""
+    monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 2)
+    inputs = make_inputs(b=1, l=5, h=2, p=2, g=1, n=2)
     names = list(inputs)
-    mask = torch.tensor([[True, True, True, False]])
+    mask = torch.tensor([[True, True, True, True, False]])
 
     def f(*args):
-        return hydra_mixer(**dict(zip(names, args)), chunk_size=2, mask=mask)
+        return hydra_mixer(**dict(zip(names, args)), chunk_size=2, mask=mask, backend=backend)
 
     assert torch.autograd.gradcheck(f, [v.requires_grad_() for v in inputs.values()])
+
+
+def test_compiled_float32_matches_the_reference():
+    """float32 through the compiled scans, outputs and every gradient, against float64 through PyTorch;
+    a batch of 3 rows on 2 threads splits rows unevenly, length 70 spans two backward chunks."""
+    inputs = make_inputs(b=3, l=70, h=4, p=8, g=2, n=16, seed=3)
+    inputs["A"] = inputs["A"] * 0.3
+    grad_y = torch.randn(3, 70, 4, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
+    mask = torch.arange(70).unsqueeze(0) < torch.tensor([[70], [41], [1]])
+    results = {}
+    for backend, dtype in (("torch", F64), ("numba", torch.float32)):
+        leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            y = hydra_mixer(**leaves, chunk_size=16, mask=mask, backend=backend)
+            y.backward(grad_y.to(dtype))
+        finally:
+            torch.set_num_threads(previous)
+        results[backend] = [y.double()] + [leaves[k].grad.double() for k in leaves]
+    for name, ours, reference in zip(["y"] + list(inputs), results["numba"], results["torch"]):
+        scale = reference.abs().max()
+        assert (ours - reference).abs().max() <= 1e-5 * scale, name

@@ -7,6 +7,12 @@ products and no padding to whole chunks, which beats the chunked matrix-product 
 per-call overhead of PyTorch's many small operations dominates (see :func:`recbole_ssm.ops.ssd.ssd_scan`
 for where each is used). The backward pass recomputes the states of ``BACKWARD_CHUNK`` positions at a
 time from the states entering each chunk, recorded by a first pass (skipped for a single chunk).
+
+The kernels also serve Hydra's mixer (:mod:`recbole_ssm.ops.hydra`): several scans ("directions") of
+one x, each with its own dt, B and C, optionally running from the last position to the first
+(``reverse``) and with their outputs moved one position on in scan order (``shift``: output t reads
+the state after position t - 1, or t + 1 when reversed), summed into one y, with no flipped or
+concatenated copies of the inputs.
 """
 import numpy as np
 import torch
@@ -20,19 +26,24 @@ BACKWARD_CHUNK = 64
 
 
 @njit(**JIT_OPTIONS)
-def _forward(x, dt, A, B, C, D, state, y, b0, b1, h0, h1):
+def _forward(x, dt, A, B, C, D, state, y, b0, b1, h0, h1, reverse, shift):
     """Rows b0:b1, heads h0:h1. x, y: (batch, length, heads, p); dt: (batch, length, heads); A: (heads,);
     B, C: (batch, length, groups, n); D: (heads, p); state (batch, heads, p, n): the state before the
-    first position, overwritten with the state after the last one."""
+    first position, overwritten with the state after the last one. Adds each position's output
+    (C_t . S_t + D x_t) to y at its position, moved one on in scan order if ``shift``."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     per_group = heads // B.shape[2]
+    step = -1 if reverse else 1
     for b in range(b0, b1):
         for h in range(h0, h1):
             g = h // per_group
             s = state[b, h]
-            for t in range(length):
+            for k in range(length):
+                t = length - 1 - k if reverse else k
+                out = t + step if shift else t
+                write = 0 <= out < length
                 a = exp32(dt[b, t, h] * A[h])
-                B_t, C_t, x_t, y_t = B[b, t, g], C[b, t, g], x[b, t, h], y[b, t, h]
+                B_t, C_t, x_t, y_t = B[b, t, g], C[b, t, g], x[b, t, h], y[b, out if write else t, h]
                 for p in range(headdim):
                     xdt = x_t[p] * dt[b, t, h]
                     s_p = s[p]
@@ -40,21 +51,25 @@ def _forward(x, dt, A, B, C, D, state, y, b0, b1, h0, h1):
                     for n in range(s_p.shape[0]):
                         s_p[n] = a * s_p[n] + xdt * B_t[n]
                         acc += s_p[n] * C_t[n]
-                    y_t[p] = acc
+                    if write:
+                        y_t[p] += acc
 
 
 @njit(**JIT_OPTIONS)
-def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, dA, dD, d_initial, b0, b1, chunk):
+def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, dA, dD, d_initial, b0, b1, chunk,
+              reverse, shift):
     """Gradients of :func:`_forward` for rows b0:b1, all heads. grad_final: dL/d(final state), like
-    ``initial``. dx like x, ddt like dt, d_initial like initial: written; dB, dC (zeroed by the caller),
+    ``initial``. ddt like dt, d_initial like initial: written; dx like x, dB, dC (zeroed by the caller),
     dA (heads,), dD (heads, p): accumulated into."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     n_state = B.shape[3]
     per_group = heads // B.shape[2]
+    step = -1 if reverse else 1
     chunks = (length + chunk - 1) // chunk
     entering = np.empty((chunks, headdim, n_state), x.dtype)
-    states = np.empty((chunk + 1, headdim, n_state), x.dtype)   # states[j + 1]: after position j
+    states = np.empty((chunk + 1, headdim, n_state), x.dtype)   # states[j + 1]: after scan step j
     decays = np.empty(chunk, x.dtype)
+    no_grad = np.zeros(headdim, x.dtype)                        # dL/dy of an output moved past the end
     grad_s = np.empty((headdim, n_state), x.dtype)              # dL/dS_t
     grad_sB = np.empty(n_state, x.dtype)                        # sum_p dL/dS_t[p] x_t[p]
     grad_sC = np.empty(n_state, x.dtype)                        # sum_p dL/dy_t[p] S_t[p]
@@ -63,9 +78,10 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
             g = h // per_group
             s = states[0]
             s[:] = initial[b, h]
-            for t in range(length if chunks > 1 else 0):
-                if t % chunk == 0:
-                    entering[t // chunk] = s
+            for k in range(length if chunks > 1 else 0):
+                t = length - 1 - k if reverse else k
+                if k % chunk == 0:
+                    entering[k // chunk] = s
                 a = exp32(dt[b, t, h] * A[h])
                 for p in range(headdim):
                     xdt = x[b, t, h, p] * dt[b, t, h]
@@ -73,11 +89,12 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
                         s[p, n] = a * s[p, n] + xdt * B[b, t, g, n]
             grad_s[:] = grad_final[b, h]
             for c in range(chunks - 1, -1, -1):
-                t0 = c * chunk
-                t1 = min(length, t0 + chunk)
+                k0 = c * chunk
+                k1 = min(length, k0 + chunk)
                 states[0] = entering[c] if chunks > 1 else initial[b, h]
-                for t in range(t0, t1):
-                    j = t - t0
+                for k in range(k0, k1):
+                    t = length - 1 - k if reverse else k
+                    j = k - k0
                     a = exp32(dt[b, t, h] * A[h])
                     decays[j] = a
                     for p in range(headdim):
@@ -85,10 +102,13 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
                         before, after = states[j, p], states[j + 1, p]
                         for n in range(n_state):
                             after[n] = a * before[n] + xdt * B[b, t, g, n]
-                for t in range(t1 - 1, t0 - 1, -1):
-                    j = t - t0
+                for k in range(k1 - 1, k0 - 1, -1):
+                    t = length - 1 - k if reverse else k
+                    out = t + step if shift else t
+                    j = k - k0
                     a, dt_t = decays[j], dt[b, t, h]
-                    B_t, C_t, x_t, gy_t = B[b, t, g], C[b, t, g], x[b, t, h], grad_y[b, t, h]
+                    B_t, C_t, x_t = B[b, t, g], C[b, t, g], x[b, t, h]
+                    gy_t = grad_y[b, out, h] if 0 <= out < length else no_grad
                     grad_sB[:] = 0
                     grad_sC[:] = 0
                     grad_a = x.dtype.type(0)       # dL/da_t, summed over the state
@@ -105,7 +125,7 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
                             grad_xB += gs * B_t[n]
                             grad_sB[n] += gs * x_t[p]
                             gs_p[n] = gs * a
-                        dx[b, t, h, p] = D[h, p] * gy + dt_t * grad_xB
+                        dx[b, t, h, p] += D[h, p] * gy + dt_t * grad_xB
                         grad_dt += grad_xB * x_t[p]
                     for n in range(n_state):
                         dB[b, t, g, n] += dt_t * grad_sB[n]
@@ -115,57 +135,84 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
             d_initial[b, h] = grad_s
 
 
-class _FusedSSD(torch.autograd.Function):
+class _FusedScans(torch.autograd.Function):
+    """Scans of one x, one per direction, summed into y; see the module's docstring."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_states):
+    def forward(ctx, reverse, shift, x, A, D, initial_states, *dt_B_C):
+        """reverse: a bool per direction; dt_B_C: dt, B, C of each direction in turn; D and
+        initial_states (one direction only) may be None. Returns y and the final states, one per
+        direction."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, l, h, p = x.shape
-        n = B.shape[-1]
+        n = dt_B_C[1].shape[-1]
         D_hp = (torch.zeros(h, p, dtype=dtype) if D is None
                 else D.detach().to(dtype).reshape(h, -1).expand(h, p).contiguous())
         initial = (torch.zeros(b, h, p, n, dtype=dtype) if initial_states is None
                    else initial_states.detach().to(dtype).contiguous())
-        inputs = [t.detach().to(dtype).contiguous() for t in (x, dt, A, B, C)] + [D_hp, initial]
-        state = initial.clone()
-        y = torch.empty(b, l, h, p, dtype=dtype)
-        arrays = [t.numpy() for t in inputs[:6]]
-        state_np, y_np = state.numpy(), y.numpy()
+        x_, A_ = (t.detach().to(dtype).contiguous() for t in (x, A))
+        scans = [t.detach().to(dtype).contiguous() for t in dt_B_C]
+        states = [initial.clone() for _ in reverse]
+        y = torch.zeros(b, l, h, p, dtype=dtype)
+        x_np, A_np, D_np, y_np = x_.numpy(), A_.numpy(), D_hp.numpy(), y.numpy()
+        directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), states[i].numpy(), backwards)
+                      for i, backwards in enumerate(reverse)]
+
+        def scan(b0, b1, h0, h1):
+            for dt_np, B_np, C_np, state_np, backwards in directions:
+                _forward(x_np, dt_np, A_np, B_np, C_np, D_np, state_np, y_np, b0, b1, h0, h1, backwards, shift)
+
         if b >= threads():
-            run_parts(lambda b0, b1: _forward(*arrays, state_np, y_np, b0, b1, 0, h), split(b, threads()))
+            run_parts(lambda b0, b1: scan(b0, b1, 0, h), split(b, threads()))
         else:  # few rows: the heads are independent, split them instead
             for row in range(b):
-                run_parts(lambda h0, h1: _forward(*arrays, state_np, y_np, row, row + 1, h0, h1),
-                          split(h, threads()))
-        ctx.save_for_backward(*inputs)
-        ctx.input_dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, D, initial_states)]
+                run_parts(lambda h0, h1: scan(row, row + 1, h0, h1), split(h, threads()))
+        ctx.save_for_backward(x_, A_, D_hp, initial, *scans)
+        ctx.reverse, ctx.shift = reverse, shift
+        ctx.input_dtypes = [None if t is None else t.dtype for t in (x, A, D, initial_states, *dt_B_C)]
         ctx.D_shape = None if D is None else D.shape
-        return y.to(x.dtype), state
+        return (y.to(x.dtype), *states)
 
     @staticmethod
-    def backward(ctx, grad_y, grad_final):
-        x, dt, A, B, C, D_hp, initial = ctx.saved_tensors
+    def backward(ctx, grad_y, *grad_finals):
+        x, A, D_hp, initial, *scans = ctx.saved_tensors
         grad_y = grad_y.to(x.dtype).contiguous()
-        grad_final = torch.zeros_like(initial) if grad_final is None else grad_final.to(x.dtype).contiguous()
-        dx, ddt, d_initial = torch.empty_like(x), torch.empty_like(dt), torch.empty_like(initial)
-        dB, dC = torch.zeros_like(B), torch.zeros_like(C)
-        arrays = [t.numpy() for t in (x, dt, A, B, C, D_hp, initial, grad_y, grad_final, dx, ddt, dB, dC)]
+        dx = torch.zeros_like(x)
+        d_initial = [torch.empty_like(initial) for _ in ctx.reverse]
+        d_scans = [torch.empty_like(t) if i % 3 == 0 else torch.zeros_like(t) for i, t in enumerate(scans)]
+        grad_finals = [torch.zeros_like(initial) if g is None else g.to(x.dtype).contiguous() for g in grad_finals]
+        x_np, A_np, D_np, initial_np, grad_y_np, dx_np = (t.numpy() for t in (x, A, D_hp, initial, grad_y, dx))
+        directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), grad_finals[i].numpy(),
+                       *(t.numpy() for t in d_scans[3 * i:3 * i + 3]), d_initial[i].numpy(), backwards)
+                      for i, backwards in enumerate(ctx.reverse)]
 
         def scan(b0, b1):  # each thread sums the parameters' gradients over its rows
-            dA, dD = np.zeros_like(arrays[2]), np.zeros_like(arrays[5])
-            _backward(*arrays, dA, dD, d_initial.numpy(), b0, b1, BACKWARD_CHUNK)
+            dA, dD = np.zeros_like(A_np), np.zeros_like(D_np)
+            for dt_np, B_np, C_np, grad_final_np, ddt_np, dB_np, dC_np, d_initial_np, backwards in directions:
+                _backward(x_np, dt_np, A_np, B_np, C_np, D_np, initial_np, grad_y_np, grad_final_np, dx_np,
+                          ddt_np, dB_np, dC_np, dA, dD, d_initial_np, b0, b1, BACKWARD_CHUNK, backwards, ctx.shift)
             return dA, dD
 
         parts = run_parts(scan, split(x.shape[0], threads()))
         dA, dD = (torch.from_numpy(sum(part[i] for part in parts)) for i in range(2))
         if ctx.D_shape is not None:
             dD = dD.sum(1) if len(ctx.D_shape) == 1 else dD
-        grads = (dx, ddt, dA, dB, dC, dD, d_initial)
-        return tuple(None if dtype is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.input_dtypes))
+        d_initial_states = sum(d_initial) if ctx.input_dtypes[3] is not None else None
+        grads = (dx, dA, dD, d_initial_states, *d_scans)
+        return (None, None) + tuple(None if dtype is None else grad.to(dtype)
+                                    for grad, dtype in zip(grads, ctx.input_dtypes))
 
 
 def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_states=False):
     """The SSD scan by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.ssd.chunked.ssd_scan_torch` (no chunk size: it changes nothing here)."""
-    y, final_states = _FusedSSD.apply(x, dt, A, B, C, D, initial_states)
+    y, final_states = _FusedScans.apply((False,), False, x, A, D, initial_states, dt, B, C)
     return (y, final_states) if return_final_states else y
+
+
+def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd):
+    """Hydra's two scans by the compiled kernels, without D: y[t] = (forward scan's output at t - 1)
+    + (backward scan's output at t + 1), each 0 past the ends. Shapes as
+    :func:`recbole_ssm.ops.hydra.hydra_mixer`; returns (b, l, h, p)."""
+    y, _, _ = _FusedScans.apply((False, True), True, x, A, None, None, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd, C_bwd)
+    return y
