@@ -1,4 +1,4 @@
-"""Smoke test of the benchmarks: both commands run end to end on tiny settings and write sane JSON,
+"""Smoke test of the benchmarks: every command runs end to end on tiny settings and writes sane JSON,
 Markdown and (efficiency) PNG, so that they never rot. Figures are not checked: they are benchmarks."""
 import json
 import subprocess
@@ -61,3 +61,31 @@ def test_efficiency_smoke(tmp_path):
             assert len(table_rows(markdown, f"{model} | {length}")) == 1
     png = (tmp_path / "efficiency.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_speedup_smoke(tmp_path):
+    run_benchmark("speedup", *TINY, "--shapes", "train:3x8", "infer:2x8", "--threads", "1", "2",
+                  "--rounds", "2", "--output-dir", str(tmp_path))
+    report = json.loads((tmp_path / "speedup.json").read_text())
+    assert [(run["threads"], run["kind"]) for run in report["runs"]] == [
+        (1, "train"), (1, "infer"), (2, "train"), (2, "infer")]
+    for run in report["runs"]:
+        assert set(run["models"]) == set(MODELS)
+        for timing in run["models"].values():
+            assert timing["wall_ms"]["n"] == 2 and timing["cpu_ms"]["n"] == 2
+            assert 0 < timing["wall_ms"]["min"] <= timing["wall_ms"]["max"] and timing["first_call_ms"] > 0
+    markdown = (tmp_path / "speedup.md").read_text()
+    assert len(table_rows(markdown, "1")) == 4 and len(table_rows(markdown, "2")) == 4  # speed-ups, first calls
+
+
+def test_kernels_smoke(tmp_path):
+    """Both backends of every op, and the first calls compiled into an empty cache then loaded from it."""
+    run_benchmark("kernels", "--shapes", "2x6", "--rounds", "1", "--output-dir", str(tmp_path))
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    ops = {row["op"] for row in report["rows"]}
+    assert len(ops) == 5 and set(report["first_calls"]["compile"]) == ops
+    for row in report["rows"]:
+        for kind in ("forward", "forward_backward"):
+            assert row[kind]["torch"]["median"] > 0 and row[kind]["numba"]["median"] > 0
+    assert sum(report["first_calls"]["load_from_cache"].values()) < sum(report["first_calls"]["compile"].values())
+    assert len(table_rows((tmp_path / "kernels.md").read_text(), "total")) == 1

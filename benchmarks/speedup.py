@@ -1,0 +1,176 @@
+"""Speed-ups over SASRec measured side by side: at each shape, every model is built in one process and
+their timed calls alternate round by round, so that a shared machine's drifting load hits all models
+alike (the efficiency benchmark runs each model in a process of its own, one after the other).
+
+    python -m benchmarks.speedup                                   # the targets' shapes, 1 and 2 threads
+    python -m benchmarks.speedup --shapes train:2048x50 infer:8x200 --threads 1 --rounds 5
+
+A shape is ``train:BxL`` (a training step: forward, backward and Adam step on a batch of B users with
+histories of L items) or ``infer:BxL`` (``full_sort_predict`` of B users). Each call is timed twice:
+wall-clock and the process's CPU time. With one thread, CPU time is the steadier measure of the work
+done (another job taking a core delays but does not add to it); with two threads, wall-clock is what a
+user waits and CPU time shows how much the second thread added. Same synthetic data and settings as
+``benchmarks.efficiency`` (3,706 items, hidden 64, 2 layers, each model's other defaults). Writes
+speedup.json and speedup.md into --output-dir.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common, efficiency
+
+DEFAULT_SHAPES = ["train:2048x50", "train:256x200", "train:16x2000",
+                  "infer:8x200", "infer:1x200", "infer:8x2000", "infer:1x2000"]
+
+
+def parse_shape(text):
+    try:
+        kind, size = text.split(":")
+        batch, length = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected train:BxL or infer:BxL, e.g. train:2048x50")
+    if kind not in ("train", "infer") or batch < 1 or length < 2:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: kind train or infer, B >= 1, L >= 2")
+    return kind, batch, length
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speedup", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=[common.REFERENCE_MODEL, *common.SSM_MODELS],
+                        help="RecBole model names, the first is the reference (default: %(default)s)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in DEFAULT_SHAPES],
+                        metavar="KIND:BxL", help=f"default: {' '.join(DEFAULT_SHAPES)}")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                        help="torch threads, each a run of every shape (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed calls per model and shape, alternating models (default: %(default)s)")
+    parser.add_argument("--hidden-size", type=int, default=common.DEFAULT_HIDDEN_SIZE)
+    parser.add_argument("--layers", type=int, default=common.DEFAULT_LAYERS)
+    parser.add_argument("--output-dir", type=Path, default=common.DEFAULT_OUTPUT_DIR,
+                        help="where the JSON and Markdown go (default: benchmarks/results)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="RecBole config override for every model, value in YAML; repeatable")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or min(args.threads) < 1:
+        parser.error("rounds and threads must be >= 1")
+    return args
+
+
+def build_call(model_name, kind, batch_size, length, args, overrides, data_root):
+    """The model at this shape and a function doing one call of ``kind`` on its synthetic batch."""
+    import torch
+    from recbole.data import create_dataset
+    from recbole.data.transform import construct_transform
+    from recbole.utils import init_seed
+
+    spec = {"model": model_name, "length": length, "data_root": data_root, "hidden_size": args.hidden_size,
+            "layers": args.layers, "device": "cpu", "overrides": overrides}
+    config = efficiency.cell_config(spec)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    model = common.build_model(config, dataset)
+    n_items = dataset.num(config["ITEM_ID_FIELD"])
+    interaction = efficiency.synthetic_batch(config, n_items, batch_size, length, "cpu")
+    if kind == "infer":
+        model.eval()
+
+        def call():
+            with torch.no_grad():
+                model.full_sort_predict(interaction)
+        return call
+    interaction = construct_transform(config)(dataset, interaction)  # BERT4Rec masks its batch
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        model.calculate_loss(interaction).backward()
+        optimizer.step()
+    return call
+
+
+def measure_shape(kind, batch_size, length, threads, args, overrides, data_root):
+    """Per model: first-call seconds, then ``rounds`` alternating timed calls (wall and CPU seconds)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    calls, first_call = {}, {}
+    for model_name in args.models:
+        calls[model_name] = build_call(model_name, kind, batch_size, length, args, overrides, data_root)
+        start = time.perf_counter()
+        calls[model_name]()          # lazy initialisation, Adam's state, compiled kernels loaded
+        first_call[model_name] = time.perf_counter() - start
+    wall = {m: [] for m in args.models}
+    cpu = {m: [] for m in args.models}
+    for _ in range(args.rounds):
+        for model_name, call in calls.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            call()
+            cpu[model_name].append(time.process_time() - start_cpu)
+            wall[model_name].append(time.perf_counter() - start_wall)
+    return {m: {"wall_ms": common.summarize_ms(wall[m]), "cpu_ms": common.summarize_ms(cpu[m]),
+                "first_call_ms": first_call[m] * 1e3} for m in args.models}
+
+
+def render_markdown(report):
+    s = report["settings"]
+    reference, others = s["models"][0], s["models"][1:]
+    lines = ["# Speed-ups over " + reference + ", side by side", "",
+             f"Machine: {common.machine_line(report['machine'])}.", "",
+             f"Hidden size {s['hidden_size']}, {s['layers']} layers; {s['rounds']} alternating timed calls per "
+             f"model and shape, medians; overrides {s['overrides'] or 'none'}. Speed-up = {reference}'s "
+             "median time / the model's (> 1: faster), from CPU time and from wall-clock time.", ""]
+    headers = ["threads", "shape", f"{reference} CPU ms", f"{reference} wall ms"]
+    headers += [f"{m} (CPU / wall)" for m in others]
+    rows = []
+    for run in report["runs"]:
+        ref = run["models"][reference]
+        row = [run["threads"], f"{run['kind']} {run['batch_size']}x{run['length']}",
+               f"{ref['cpu_ms']['median']:.1f}", f"{ref['wall_ms']['median']:.1f}"]
+        for m in others:
+            ours = run["models"][m]
+            row.append(f"{ref['cpu_ms']['median'] / ours['cpu_ms']['median']:.2f}x / "
+                       f"{ref['wall_ms']['median'] / ours['wall_ms']['median']:.2f}x")
+        rows.append(row)
+    lines.append(common.markdown_table(headers, rows))
+    lines += ["", "First call (ms; the first training step also creates Adam's state; Numba kernels are "
+              "loaded from the disk cache or compiled, see benchmarks.kernels for their compile times):", ""]
+    first_rows = [[run["threads"], f"{run['kind']} {run['batch_size']}x{run['length']}"]
+                  + [f"{run['models'][m]['first_call_ms']:.0f}" for m in s["models"]] for run in report["runs"]]
+    lines.append(common.markdown_table(["threads", "shape"] + s["models"], first_rows))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_models_registered(args.models)
+    overrides = common.parse_overrides(args.overrides)
+    report = {"benchmark": "speedup",
+              "settings": {"models": args.models, "threads": args.threads, "rounds": args.rounds,
+                           "hidden_size": args.hidden_size, "layers": args.layers, "overrides": overrides,
+                           "shapes": [f"{k}:{b}x{l}" for k, b, l in args.shapes]},
+              "machine": common.machine_info("cpu"), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="recbole-ssm-speedup-") as data_root:
+        efficiency.write_synthetic_dataset(data_root)
+        for threads in args.threads:
+            for kind, batch_size, length in args.shapes:
+                models = measure_shape(kind, batch_size, length, threads, args, overrides, data_root)
+                report["runs"].append({"threads": threads, "kind": kind, "batch_size": batch_size,
+                                       "length": length, "models": models})
+                ref = models[args.models[0]]["cpu_ms"]["median"]
+                common.progress(f"{threads} thread(s), {kind} {batch_size}x{length}: " + ", ".join(
+                    f"{m} {v['cpu_ms']['median']:.0f} ms CPU ({ref / v['cpu_ms']['median']:.2f}x)"
+                    for m, v in models.items()))
+    stem = args.output_dir / "speedup"
+    common.write_json(stem.with_suffix(".json"), report)
+    common.write_text(stem.with_suffix(".md"), render_markdown(report))
+    print(render_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    common.import_recbole_ssm()
+    sys.exit(main())
