@@ -34,8 +34,22 @@ class MixerLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
         self.ffn = FeedForward(d_model, 4 * d_model, dropout, eps)
 
-    def forward(self, x, mask=None):                                # (b, l, d_model), (b, l) bool
-        hidden = self.dropout(self.mixer(x, mask))
+    def forward(self, x, mask=None, return_state=False):            # (b, l, d_model), (b, l) bool
+        """With ``return_state`` (causal mixers, see :mod:`recbole_ssm.modules.streaming`), (output, the
+        mixer's state after each row's last real position)."""
+        if not return_state:
+            return self.after_mixer(self.mixer(x, mask), x)
+        mixed, state = self.mixer(x, mask, return_state=True)
+        return self.after_mixer(mixed, x), state
+
+    def step(self, x, state):
+        """One new position per row through a causal mixer: x (b, d_model) -> (output, new state)."""
+        mixed, state = self.mixer.step(x, state)
+        return self.after_mixer(mixed, x), state
+
+    def after_mixer(self, mixed, x):
+        """Dropout, residual, LayerNorm and feed-forward after the mixer; ``x`` is the mixer's input."""
+        hidden = self.dropout(mixed)
         if self.residual:
             hidden = hidden + x
         return self.ffn(self.LayerNorm(hidden))
