@@ -7,24 +7,11 @@ import pytest
 import torch
 
 from recbole_ssm.models.base import REPRESENTATION
-from recbole_ssm.ops.backend import BACKENDS
+from tests.streaming_setup import CPU_BACKENDS, STREAMING_MODELS, TOLERANCE, streaming_model
 
-STREAMING_MODELS = ("Mamba4Rec", "Mamba2Rec")
-# Every CPU implementation: "auto" picks one of them, "cuda" needs a GPU.
-CPU_BACKENDS = [backend for backend in BACKENDS if backend not in ("auto", "cuda")]
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 GRID = pytest.mark.parametrize("model,layers,backend,dtype", [
     pytest.param(model, layers, backend, dtype, id=f"{model}-{layers}layer-{backend}-{str(dtype)[6:]}")
     for model in STREAMING_MODELS for layers in (1, 2) for backend in CPU_BACKENDS for dtype in TOLERANCE])
-
-
-def streaming_model(build_model, model, layers=1, backend="auto", dtype=torch.float32):
-    net = build_model(model, num_layers=layers, ssm_backend=backend).to(dtype).eval()
-    with torch.no_grad():  # weights well away from the small initialisation, so that the state matters
-        generator = torch.Generator().manual_seed(1)
-        for parameter in net.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=dtype))
-    return net
 
 
 def assert_close(actual, expected, dtype):
