@@ -13,9 +13,10 @@ items (``state_from_history``), then the timed step that appends the L-th item t
 and scores all items; the same model's and SASRec's ``full_sort_predict`` on the B histories of L
 items. Recomputing a large batch of long histories takes minutes, so it is timed on at most
 --recompute-users of the B users (in chunks of --recompute-chunk, for memory) and scaled to B: it is
-linear in the users. Each timing: one warm-up call, then calls until --seconds have passed (at least
---min-repeats, at most --max-repeats); medians and quartiles. Writes streaming.json, streaming.md and
-streaming.png into --output-dir.
+linear in the users. For each (L, B) and thread count, all the measurements run side by side: one
+warm-up call each, then --min-repeats rounds in which each runs for about --seconds / --min-repeats
+(at least once); medians and quartiles of wall-clock and CPU time. Writes streaming.json,
+streaming.md and streaming.png into --output-dir.
 """
 import argparse
 import json
@@ -77,19 +78,27 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------- measuring
 
-def timed(fn, args):
-    """Wall-clock and CPU seconds per call of ``fn`` ({"wall": [...], "cpu": [...]}): one warm-up call,
-    then calls until ``args.seconds`` have passed. CPU time (the process's, all threads) moves less with
-    other jobs on a shared machine; with several threads it also counts their waiting."""
-    fn()
-    wall, cpu = [], []
-    deadline = time.perf_counter() + args.seconds
-    while len(wall) < args.max_repeats and (len(wall) < args.min_repeats or time.perf_counter() < deadline):
-        start, start_cpu = time.perf_counter(), time.process_time()
+def timed_side_by_side(functions, args):
+    """Wall-clock and CPU seconds per call of each of ``functions`` ({key: {"wall": [...], "cpu": [...]}}),
+    measured side by side, so that other jobs' load falls on all of them alike: one warm-up call each,
+    then ``args.min_repeats`` rounds in which each function runs for about ``args.seconds /
+    args.min_repeats`` (at least once). CPU time (the process's, all threads) moves less with other jobs
+    on a shared machine; with several threads it also counts their waiting."""
+    for fn in functions.values():
         fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return {"wall": wall, "cpu": cpu}
+    samples = {key: {"wall": [], "cpu": []} for key in functions}
+    per_round = max(1, args.max_repeats // args.min_repeats)
+    for _ in range(args.min_repeats):
+        for key, fn in functions.items():
+            deadline = time.perf_counter() + args.seconds / args.min_repeats
+            for _ in range(per_round):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                samples[key]["wall"].append(time.perf_counter() - start)
+                samples[key]["cpu"].append(time.process_time() - start_cpu)
+                if time.perf_counter() >= deadline:
+                    break
+    return samples
 
 
 def record(cell, key, samples):
@@ -126,9 +135,9 @@ def histories(model, batch, length):
             torch.randint(1, model.n_items, (batch,), generator=generator))
 
 
-def recompute_seconds(model, batch, length, args):
-    """Seconds for ``full_sort_predict`` on ``batch`` histories of ``length`` items, timed on at most
-    ``args.recompute_users`` of them in chunks, scaled to ``batch``; and the users timed."""
+def recompute_function(model, batch, length, args):
+    """``full_sort_predict`` on at most ``args.recompute_users`` of ``batch`` histories of ``length`` items,
+    in chunks of ``args.recompute_chunk`` users, and that number of users."""
     import torch
 
     users = min(batch, args.recompute_users)
@@ -142,13 +151,12 @@ def recompute_seconds(model, batch, length, args):
             for chunk in chunks:
                 model.full_sort_predict(chunk)
 
-    return {clock: [seconds * batch / users for seconds in samples]
-            for clock, samples in timed(recompute, args).items()}, users
+    return recompute, users
 
 
-def streaming_seconds(model, dataset, batch, length, args):
-    """Seconds for a step of ``batch`` users after histories of ``length - 1`` items: with the scores of
-    all items, without them, and through a :class:`~recbole_ssm.serving.StateStore`'s ``observe``."""
+def streaming_functions(model, dataset, batch, length, args):
+    """A step of ``batch`` users after histories of ``length - 1`` items: with the scores of all items,
+    without them, and through a :class:`~recbole_ssm.serving.StateStore`'s ``observe``."""
     import torch
 
     from recbole_ssm.serving import StateStore
@@ -168,9 +176,8 @@ def streaming_seconds(model, dataset, batch, length, args):
         representation, _ = model.step(state, items)
         model.all_item_scores(representation)
 
-    return {"step_and_scores": timed(step_and_score, args),
-            "step": timed(lambda: model.step(state, items), args),
-            "store_observe": timed(lambda: store.observe(user_tokens, item_tokens), args)}
+    return {"step_and_scores": step_and_score, "step": lambda: model.step(state, items),
+            "store_observe": lambda: store.observe(user_tokens, item_tokens)}
 
 
 def state_bytes_per_user(model):
@@ -183,22 +190,31 @@ def kv_cache_bytes_per_user(config, length):
 
 
 def run_all(args, models):
-    """Every (L, batch, model, threads) cell, threads innermost so that 1 and 2 run side by side."""
+    """Every (L, batch) group: all models' measurements side by side, with each thread count in turn."""
     import torch
 
     cells = []
     for length in args.lengths:
         for batch in args.batch_sizes:
+            functions, timed_users = {}, {}
             for name in [*args.models, args.reference]:
                 model, dataset, _ = models[name]
-                for threads in args.threads:
-                    torch.set_num_threads(threads)
-                    cell = {"model": name, "length": length, "batch": batch, "threads": threads}
-                    seconds, cell["recompute_users"] = recompute_seconds(model, batch, length, args)
-                    record(cell, "recompute", seconds)
-                    if name != args.reference:
-                        for key, samples in streaming_seconds(model, dataset, batch, length, args).items():
-                            record(cell, key, samples)
+                functions[(name, "recompute")], timed_users[name] = recompute_function(model, batch, length, args)
+                if name != args.reference:
+                    functions.update({(name, key): fn for key, fn in
+                                      streaming_functions(model, dataset, batch, length, args).items()})
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                samples = timed_side_by_side(functions, args)
+                for name in [*args.models, args.reference]:
+                    cell = {"model": name, "length": length, "batch": batch, "threads": threads,
+                            "recompute_users": timed_users[name]}
+                    scale = batch / timed_users[name]  # recomputing is linear in the users
+                    record(cell, "recompute", {clock: [seconds * scale for seconds in values]
+                                               for clock, values in samples[(name, "recompute")].items()})
+                    for (model_name, key), values in samples.items():
+                        if model_name == name and key != "recompute":
+                            record(cell, key, values)
                     cells.append(cell)
                     common.progress(f"{name} L={length} batch={batch} threads={threads}: recompute "
                                     f"{cell['recompute_ms']['median']:.2f} ms" + (
@@ -260,8 +276,9 @@ def render_markdown(report):
         "ran**: absolute times move with their load; ratios measured side by side are steadier.", "",
         f"Settings: hidden size {s['hidden_size']}, {s['layers']} layer(s) for every model; {report['n_items']} "
         f"items; synthetic histories; torch threads {s['threads']} side by side; recomputation timed on at "
-        f"most {s['recompute_users']} users (chunks of {s['recompute_chunk']}) and scaled to the batch; each "
-        f"timing one warm-up call, then calls for about {s['seconds']} s (at least {s['min_repeats']}); "
+        f"most {s['recompute_users']} users (chunks of {s['recompute_chunk']}) and scaled to the batch; for each "
+        f"(L, B) and thread count all measurements side by side: one warm-up call each, then "
+        f"{s['min_repeats']} rounds of about {s['seconds'] / s['min_repeats']:.2f} s each (at least one call); "
         f"medians. Overrides {s['overrides'] or 'none'}.", "",
         "## Latency per call (ms) for B users, each appending one item to a history of L", "",
         f"`step + scores`: the state update and the scores of all items (what `full_sort_predict` returns); "

@@ -34,7 +34,7 @@ class MambaBlock(CausalStreaming, nn.Module):
         -> (batch, length, d_model). The block is causal; ``mask`` (True on real items) zeroes
         padded inputs, which for right-padded sequences never reach a real position anyway.
     Its state (see :mod:`recbole_ssm.modules.streaming`): ``conv``, the last d_conv - 1 inputs of the
-    convolution (batch, d_inner, d_conv - 1), and ``ssm`` (batch, d_state, d_inner): the SSM state
+    convolution (batch, d_conv - 1, d_inner), and ``ssm`` (batch, d_state, d_inner): the SSM state
     transposed, as the compiled scan lays it out, so that steps pass it on without copies.
     """
 
@@ -68,7 +68,7 @@ class MambaBlock(CausalStreaming, nn.Module):
         dtype and the SSM state in that dtype promoted to float32 at least (as the scan computes)."""
         weight = self.in_proj.weight
         return {
-            "conv": weight.new_zeros(batch_size, self.d_inner, self.d_conv - 1),
+            "conv": weight.new_zeros(batch_size, self.d_conv - 1, self.d_inner),
             "ssm": weight.new_zeros(batch_size, self.d_state, self.d_inner,
                                     dtype=torch.promote_types(weight.dtype, torch.float32)),
         }
@@ -83,8 +83,9 @@ class MambaBlock(CausalStreaming, nn.Module):
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
         if streaming:
             lengths = None if mask is None else real_lengths(mask)
-            x, conv_state = convolve_continuing(x, self.conv1d, self.backend,
+            x, conv_state = convolve_continuing(x.transpose(1, 2), self.conv1d, self.backend,
                                                 None if state is None else state["conv"], lengths)
+            x = x.transpose(1, 2)
         else:
             x = depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias, causal=True,
                                  activation="silu", backend=self.backend)

@@ -18,7 +18,7 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
     d_inner = expand * d_model, split into nheads = d_inner / headdim heads; B and C have ngroups
     groups of d_state. chunk_size only changes how the scan is computed, not its result.
     Its state (see :mod:`recbole_ssm.modules.streaming`): ``conv``, the last d_conv - 1 inputs of the
-    convolution (batch, d_inner + 2 * ngroups * d_state, d_conv - 1), and ``ssm`` (batch, nheads,
+    convolution (batch, d_conv - 1, d_inner + 2 * ngroups * d_state), and ``ssm`` (batch, nheads,
     headdim, d_state).
     """
 
@@ -35,7 +35,7 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
         dtype and the SSM state in that dtype promoted to float32 at least (as the scan computes)."""
         weight = self.in_proj.weight
         return {
-            "conv": weight.new_zeros(batch_size, self.conv1d.in_channels, self.d_conv - 1),
+            "conv": weight.new_zeros(batch_size, self.d_conv - 1, self.conv1d.in_channels),
             "ssm": weight.new_zeros(batch_size, self.nheads, self.headdim, self.d_state,
                                     dtype=torch.promote_types(weight.dtype, torch.float32)),
         }
@@ -50,9 +50,8 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
         z, xBC, dt = self.project(hidden_states, mask)
         if streaming:
             lengths = None if mask is None else real_lengths(mask)
-            xBC, conv_state = convolve_continuing(xBC.transpose(1, 2), self.conv1d, self.backend,
+            xBC, conv_state = convolve_continuing(xBC, self.conv1d, self.backend,
                                                   None if state is None else state["conv"], lengths)
-            xBC = xBC.transpose(1, 2)
         else:
             xBC = self.convolve(xBC)
         gn = self.ngroups * self.d_state
