@@ -23,7 +23,6 @@ from recbole_ssm.models.base import REPRESENTATION
 
 FILE_FORMAT = "recbole-ssm state store"
 FILE_VERSION = 1
-PADDING_TOKEN = "[PAD]"  # RecBole's token of item id 0
 
 
 class StateStore:
