@@ -3,6 +3,7 @@
 As in Mamba4Rec (Liu et al. 2024, arXiv 2403.03900): mixer -> dropout -> LayerNorm, with a residual
 connection only when layers are stacked, then the SASRec-style feed-forward network.
 """
+import torch
 import torch.nn as nn
 
 
@@ -24,7 +25,11 @@ class FeedForward(nn.Module):
 
 
 class MixerLayer(nn.Module):
-    """mixer(x, mask) -> dropout -> (+ x if residual) -> LayerNorm -> FeedForward (4x inner size)."""
+    """mixer(x, mask) -> dropout -> (+ x if residual) -> LayerNorm -> FeedForward (4x inner size).
+
+    With ``positions`` (batch,), the output at those positions only, (batch, d_model): everything
+    after the mixer is position-wise, so it is computed there alone (a model that predicts from each
+    user's last item needs nothing else from its last layer)."""
 
     def __init__(self, mixer, d_model, dropout, residual, eps=1e-12):
         super().__init__()
@@ -34,22 +39,26 @@ class MixerLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
         self.ffn = FeedForward(d_model, 4 * d_model, dropout, eps)
 
-    def forward(self, x, mask=None, return_state=False):            # (b, l, d_model), (b, l) bool
+    def forward(self, x, mask=None, positions=None, return_state=False):  # (b, l, d_model), (b, l) bool, (b,)
         """With ``return_state`` (causal mixers, see :mod:`recbole_ssm.modules.streaming`), (output, the
-        mixer's state after each row's last real position)."""
+        mixer's state after each row's last real position, which ``mask`` then marks)."""
         if not return_state:
-            return self.after_mixer(self.mixer(x, mask), x)
+            return self.after_mixer(self.mixer(x, mask), x, positions)
         mixed, state = self.mixer(x, mask, return_state=True)
-        return self.after_mixer(mixed, x), state
+        return self.after_mixer(mixed, x, positions), state
 
     def step(self, x, state):
         """One new position per row through a causal mixer: x (b, d_model) -> (output, new state)."""
         mixed, state = self.mixer.step(x, state)
         return self.after_mixer(mixed, x), state
 
-    def after_mixer(self, mixed, x):
-        """Dropout, residual, LayerNorm and feed-forward after the mixer; ``x`` is the mixer's input."""
-        hidden = self.dropout(mixed)
+    def after_mixer(self, hidden, x, positions=None):
+        """Dropout, residual, LayerNorm and feed-forward after the mixer (at ``positions`` only if given);
+        ``x`` is the mixer's input."""
+        if positions is not None:
+            rows = torch.arange(len(positions), device=positions.device)
+            hidden, x = hidden[rows, positions], x[rows, positions]  # (b, d_model)
+        hidden = self.dropout(hidden)
         if self.residual:
             hidden = hidden + x
         return self.ffn(self.LayerNorm(hidden))

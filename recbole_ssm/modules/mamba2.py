@@ -28,7 +28,7 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
                  backend="auto"):
         super().__init__(d_model, d_state, d_conv, expand, headdim, ngroups, chunk_size, backend,
                          directions=1, causal=True, A_init_range=(1, 16),
-                         norm_group_size=expand * d_model // ngroups, norm_before_gate=False)
+                         norm_groups=ngroups, norm_before_gate=False)
 
     def empty_state(self, batch_size):
         """The state before any position: zeros, on the block's device, the convolution inputs in its

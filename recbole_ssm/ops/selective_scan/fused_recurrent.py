@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, softplus, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, decay, exp32, run_parts, softplus, split, threads
 
 # Positions whose states and decays the backward pass holds at once, per batch row and thread:
 # 2 * 64 * d_state * d_inner floats (2 MB at d_state 32, d_inner 128, float32).
@@ -19,41 +19,42 @@ BACKWARD_CHUNK = 64
 
 
 @njit(**JIT_OPTIONS)
-def _step_rates(delta_t, bias, use_softplus, out, d0, d1):
-    """out[d] = softplus(delta_t[d] + bias[d]) for d in d0:d1, or without softplus."""
-    for d in range(d0, d1):
+def _step_rates(delta_t, bias, use_softplus, out):
+    """out[d] = softplus(delta_t[d] + bias[d]), or without softplus."""
+    for d in range(out.shape[0]):
         raw = delta_t[d] + bias[d]
         out[d] = softplus(raw) if use_softplus else raw
 
 
 @njit(**JIT_OPTIONS)
-def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1, d0, d1):
-    """Rows b0:b1, channels d0:d1. u, delta, z, out: (batch, length, d); A_T: (n, d); B, C: (batch,
-    length, n); D, bias: (d,); z of shape (0, 0, 0) for no gate; state (batch, n, d): the state before
-    the first position, overwritten with the state after the last one."""
-    length, n_state = u.shape[1], A_T.shape[0]
-    dt = np.empty(d1, u.dtype)
-    drive = np.empty(d1, u.dtype)
-    y = np.empty(d1, u.dtype)
+def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1):
+    """Rows b0:b1. u, delta, z, out: (batch, length, d); A_T: (n, d); B, C: (batch, length, n);
+    D, bias: (d,); z of shape (0, 0, 0) for no gate; state (batch, n, d): the state before the first
+    position, overwritten with the state after the last one. (The channel loops run over whole rows:
+    a loop over a sub-range of channels vectorised 7x worse.)"""
+    length, d_inner, n_state = u.shape[1], u.shape[2], A_T.shape[0]
+    dt = np.empty(d_inner, u.dtype)
+    drive = np.empty(d_inner, u.dtype)
+    y = np.empty(d_inner, u.dtype)
     for b in range(b0, b1):
         h = state[b]
         for t in range(length):
             u_t, out_t = u[b, t], out[b, t]
-            _step_rates(delta[b, t], bias, use_softplus, dt, d0, d1)
-            for d in range(d0, d1):
+            _step_rates(delta[b, t], bias, use_softplus, dt)
+            for d in range(d_inner):
                 drive[d] = dt[d] * u_t[d]
                 y[d] = D[d] * u_t[d]
             for n in range(n_state):
                 A_n, h_n, B_tn, C_tn = A_T[n], h[n], B[b, t, n], C[b, t, n]
-                for d in range(d0, d1):
-                    h_n[d] = exp32(dt[d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                for d in range(d_inner):
+                    h_n[d] = decay(dt[d] * A_n[d]) * h_n[d] + drive[d] * B_tn
                     y[d] += h_n[d] * C_tn
             if z.shape[0]:
                 z_t = z[b, t]
-                for d in range(d0, d1):
+                for d in range(d_inner):
                     out_t[d] = y[d] * z_t[d] / (1 + exp32(-z_t[d]))
             else:
-                for d in range(d0, d1):
+                for d in range(d_inner):
                     out_t[d] = y[d]
 
 
@@ -83,13 +84,13 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
         for t in range(length if chunks > 1 else 0):
             if t % chunk == 0:
                 entering[t // chunk] = h
-            _step_rates(delta[b, t], bias, use_softplus, rates[0], 0, d_inner)
+            _step_rates(delta[b, t], bias, use_softplus, rates[0])
             for d in range(d_inner):
                 drive[d] = rates[0, d] * u[b, t, d]
             for n in range(n_state):
                 A_n, h_n, B_tn = A_T[n], h[n], B[b, t, n]
                 for d in range(d_inner):
-                    h_n[d] = exp32(rates[0, d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                    h_n[d] = decay(rates[0, d] * A_n[d]) * h_n[d] + drive[d] * B_tn
         grad_h[:] = 0
         for c in range(chunks - 1, -1, -1):
             t0 = c * chunk
@@ -99,7 +100,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
             for t in range(t0, t1):
                 j = t - t0
                 dt, y = rates[j], readout[j]
-                _step_rates(delta[b, t], bias, use_softplus, dt, 0, d_inner)
+                _step_rates(delta[b, t], bias, use_softplus, dt)
                 for d in range(d_inner):
                     drive[d] = dt[d] * u[b, t, d]
                     y[d] = 0
@@ -107,7 +108,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
                     A_n, before, after, a = A_T[n], states[j, n], states[j + 1, n], decays[j, n]
                     B_tn, C_tn = B[b, t, n], C[b, t, n]
                     for d in range(d_inner):
-                        a[d] = exp32(dt[d] * A_n[d])
+                        a[d] = decay(dt[d] * A_n[d])
                         after[d] = a[d] * before[d] + drive[d] * B_tn
                         y[d] += after[d] * C_tn
             # Then backwards through it.
@@ -174,17 +175,19 @@ class _FusedSelectiveScan(torch.autograd.Function):
                   _vector_or_zeros(delta_bias, d_inner, dtype))
         out = torch.empty(batch, length, d_inner, dtype=dtype)
         state = initial.clone()        # the kernel turns it into the last state
-        arrays = [t.numpy() for t in inputs]
-        out_np, state_np = out.numpy(), state.numpy()
-
-        def scan(b0, b1, d0, d1):
-            _forward(*arrays, bool(delta_softplus), out_np, state_np, b0, b1, d0, d1)
-
         if batch >= threads() or length == 0:
-            run_parts(lambda b0, b1: scan(b0, b1, 0, d_inner), split(batch, threads()))
-        else:  # few rows: the channels are independent, split them instead
-            for b in range(batch):
-                run_parts(lambda d0, d1: scan(b, b + 1, d0, d1), split(d_inner, threads()))
+            arrays = [t.numpy() for t in (*inputs, out, state)]
+            run_parts(lambda b0, b1: _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], b0, b1),
+                      split(batch, threads()))
+        else:  # few rows: the channels are independent, each thread scans its own slice of them
+            def channels(d0, d1):  # every tensor but B and C has the channels last
+                part = [t if i in (3, 4) or not t.numel() else t[..., d0:d1].contiguous()
+                        for i, t in enumerate((*inputs, out, state))]
+                arrays = [t.numpy() for t in part]
+                _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], 0, batch)
+                out[..., d0:d1], state[..., d0:d1] = part[8], part[9]
+
+            run_parts(channels, split(d_inner, threads()))
         ctx.save_for_backward(*inputs, initial)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.input_dtypes = [None if t is None else t.dtype
