@@ -305,6 +305,17 @@ def save_figure(figure, path):
     return path
 
 
+def log_log_lengths(axis, lengths, xlabel, legend_fontsize):
+    """Log-log axes over sequence lengths (ticks at the lengths measured), a grid and a legend."""
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xticks(lengths, [str(length) for length in lengths])
+    axis.minorticks_off()
+    axis.set_xlabel(xlabel)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=legend_fontsize)
+
+
 def markdown_table(headers, rows):
     """A GitHub Markdown table; ``rows`` are sequences of already formatted cells."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -450,15 +450,9 @@ def plot(report, path):
             positive = [v for v in plotted if v > 0]
             if positive:
                 axis.set_ylim(min(positive) / 1.5, max(positive) * 1.5)
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xticks(s["lengths"], [str(length) for length in s["lengths"]])
-        axis.minorticks_off()
-        axis.set_xlabel("sequence length L")
         axis.set_ylabel("MiB" if "memory" in key else "ms")
         axis.set_title(title)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+        common.log_log_lengths(axis, s["lengths"], "sequence length L", legend_fontsize=8)
     machine = report["machine"]
     figure.suptitle(f"{machine.get('gpu') or machine['cpu']} ({s['device']}), hidden "
                     f"{s['hidden_size']}, {s['layers']} layers, {report['n_items']} items", fontsize=11)

@@ -372,13 +372,7 @@ def plot(report, path):
     axis.set_title("Memory per user")
     axis.set_ylabel("bytes")
     for axis in axes:
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xticks(s["lengths"], [str(length) for length in s["lengths"]])
-        axis.minorticks_off()
-        axis.set_xlabel("history length L")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+        common.log_log_lengths(axis, s["lengths"], "history length L", legend_fontsize=7)
     figure.suptitle(f"{report['machine']['cpu']}, hidden {s['hidden_size']}, {s['layers']} layer(s), "
                     f"{report['n_items']} items", fontsize=11)
     return common.save_figure(figure, path)
