@@ -278,6 +278,44 @@ def write_text(path, text):
     return path
 
 
+def write_reports(report, stem, render_markdown, plot):
+    """``<stem>.md`` (``render_markdown(report)``, also printed) and ``<stem>.png`` (``plot(report, path)``)."""
+    markdown = render_markdown(report)
+    write_text(Path(stem).with_suffix(".md"), markdown)
+    try:
+        plot(report, Path(stem).with_suffix(".png"))
+        progress(f"wrote {stem}.md and {stem}.png")
+    except ImportError as error:  # matplotlib is in the [bench] extra, not a requirement
+        progress(f"wrote {stem}.md; NOT {stem}.png: {error} (pip install -e .[bench])")
+    print(markdown)
+
+
+def rewrite_reports(json_path, render_markdown, plot):
+    """--from-json: the Markdown and PNG of an earlier run's JSON, written next to it."""
+    write_reports(json.loads(Path(json_path).read_text()), Path(json_path).with_suffix(""), render_markdown, plot)
+
+
+def save_figure(figure, path):
+    """Lay out, write as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def log_log_lengths(axis, lengths, xlabel, legend_fontsize):
+    """Log-log axes over sequence lengths (ticks at the lengths measured), a grid and a legend."""
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xticks(lengths, [str(length) for length in lengths])
+    axis.minorticks_off()
+    axis.set_xlabel(xlabel)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=legend_fontsize)
+
+
 def markdown_table(headers, rows):
     """A GitHub Markdown table; ``rows`` are sequences of already formatted cells."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

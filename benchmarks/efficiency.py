@@ -450,22 +450,13 @@ def plot(report, path):
             positive = [v for v in plotted if v > 0]
             if positive:
                 axis.set_ylim(min(positive) / 1.5, max(positive) * 1.5)
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xticks(s["lengths"], [str(length) for length in s["lengths"]])
-        axis.minorticks_off()
-        axis.set_xlabel("sequence length L")
         axis.set_ylabel("MiB" if "memory" in key else "ms")
         axis.set_title(title)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+        common.log_log_lengths(axis, s["lengths"], "sequence length L", legend_fontsize=8)
     machine = report["machine"]
     figure.suptitle(f"{machine.get('gpu') or machine['cpu']} ({s['device']}), hidden "
                     f"{s['hidden_size']}, {s['layers']} layers, {report['n_items']} items", fontsize=11)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return common.save_figure(figure, path)
 
 
 def main(argv=None):
@@ -475,7 +466,7 @@ def main(argv=None):
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     if args.from_json:
-        write_reports(json.loads(args.from_json.read_text()), args.from_json.with_suffix(""))
+        common.rewrite_reports(args.from_json, render_markdown, plot)
         return 0
     common.check_models_registered(args.models)
     overrides = common.parse_overrides(args.overrides)
@@ -496,19 +487,8 @@ def main(argv=None):
     report["n_items"] = next((c["n_items"] for c in report["cells"] if c["status"] == "ok"), None)
     stem = args.output_dir / "efficiency"
     common.write_json(stem.with_suffix(".json"), report)
-    write_reports(report, stem)
+    common.write_reports(report, stem, render_markdown, plot)
     return 1 if any(c["status"] == "failed" for c in report["cells"]) else 0
-
-
-def write_reports(report, stem):
-    """``<stem>.md`` and ``<stem>.png`` from a report; the Markdown also goes to stdout."""
-    common.write_text(stem.with_suffix(".md"), render_markdown(report))
-    try:
-        plot(report, stem.with_suffix(".png"))
-        common.progress(f"wrote {stem}.md and {stem}.png")
-    except ImportError as error:  # matplotlib is in the [bench] extra, not a requirement
-        common.progress(f"wrote {stem}.md; NOT {stem}.png: {error} (pip install -e .[bench])")
-    print(render_markdown(report))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 import recbole_ssm  # noqa: F401  (registers our models and applies the compat fixes)
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_model
 
 MODELS = ("Mamba4Rec", "Mamba2Rec", "Hydra4Rec")
 
@@ -51,3 +52,27 @@ def ml100k(make_config):
     config = make_config("Mamba4Rec")
     dataset = create_dataset(config)
     return (dataset, *data_preparation(config, dataset))
+
+
+@pytest.fixture(scope="session")
+def build_model(make_config, ml100k):
+    """build_model(model, **overrides) -> one of our models on ml-100k, tiny, seeded weights."""
+
+    def build(model, **overrides):
+        torch.manual_seed(0)
+        return get_model(model)(make_config(model, **overrides), ml100k[1]._dataset)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def ml100k_histories(ml100k):
+    """Real ml-100k histories, right-padded, one per length from 1 (shorter than the convolution's
+    window) to MAX_ITEM_LIST_LENGTH: (item_seq (users, length), item_seq_len (users,))."""
+    config = ml100k[0].config
+    batch = next(iter(ml100k[1]))
+    item_seq = batch[config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]]
+    item_seq_len = batch[config["ITEM_LIST_LENGTH_FIELD"]]
+    rows = [int((item_seq_len == length).nonzero()[0]) for length in item_seq_len.unique().tolist()]
+    assert len(rows) == item_seq.shape[1] == config["MAX_ITEM_LIST_LENGTH"]  # every length occurs
+    return item_seq[rows], item_seq_len[rows]

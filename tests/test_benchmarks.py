@@ -89,3 +89,26 @@ def test_kernels_smoke(tmp_path):
             assert row[kind]["torch"]["median"] > 0 and row[kind]["numba"]["median"] > 0
     assert sum(report["first_calls"]["load_from_cache"].values()) < sum(report["first_calls"]["compile"].values())
     assert len(table_rows((tmp_path / "kernels.md").read_text(), "total")) == 1
+
+
+def test_streaming_smoke(tmp_path):
+    lengths, batches = [8, 16], [1, 3]
+    run_benchmark("streaming", "--hidden-size", "8", "--set", "d_state=4", "--lengths", *map(str, lengths),
+                  "--batch-sizes", *map(str, batches), "--threads", "1", "--seconds", "0.01", "--min-repeats", "1",
+                  "--recompute-users", "2", "--recompute-chunk", "1", "--output-dir", str(tmp_path))
+    report = json.loads((tmp_path / "streaming.json").read_text())
+    cells = {(c["model"], c["length"], c["batch"]): c for c in report["cells"]}
+    streaming = ["Mamba4Rec", "Mamba2Rec"]
+    assert set(cells) == {(m, length, b) for m in streaming + ["SASRec"] for length in lengths for b in batches}
+    for (model, length, batch), cell in cells.items():
+        assert cell["recompute_ms"]["median"] > 0 and cell["recompute_users"] == min(batch, 2)
+        timings = ("step_ms", "step_and_scores_ms", "store_observe_ms") if model in streaming else ()
+        assert all(0 < cell[t]["min"] <= cell[t]["median"] <= cell[t]["max"] for t in timings)
+    memory = report["memory"]
+    assert memory["reference"] == {str(length): 2 * 1 * length * 8 * 4 for length in lengths}  # K and V, float32
+    assert all(0 < memory["models"][m] < memory["reference"]["16"] for m in streaming)
+    markdown = (tmp_path / "streaming.md").read_text()
+    for model in streaming:
+        assert len(table_rows(markdown, f"{model} | 16 | 3 | 1")) == 1
+    png = (tmp_path / "streaming.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

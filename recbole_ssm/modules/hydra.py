@@ -16,6 +16,15 @@ class HydraBlock(SSDBlockBase):
     """Hydra mixer: centred depthwise conv, quasiseparable mixer (a forward and a backward SSD scan and
     a data-dependent diagonal), gated RMSNorm; (b, l, d_model) -> (b, l, d_model). Bidirectional."""
 
+    # Why it has no streaming state, for the error that streaming calls give.
+    streaming_unsupported = (
+        "Hydra is bidirectional: every position's output depends on the items after it too (its "
+        "centred convolution and its backward scan look ahead), so a new item changes the "
+        "representation of every earlier position and no fixed-size state can absorb it in one step. "
+        "Recompute with forward() / full_sort_predict() on the whole history, or stream with "
+        "Mamba4Rec or Mamba2Rec, which are causal."
+    )
+
     def __init__(self, d_model, d_state=64, d_conv=7, expand=2, headdim=64, ngroups=1, chunk_size=256,
                  backend="auto"):
         super().__init__(d_model, d_state, d_conv, expand, headdim, ngroups, chunk_size, backend,
@@ -29,6 +38,7 @@ class HydraBlock(SSDBlockBase):
         outputs at real positions do not depend on the padding nor on the other rows.
         Returns (b, l, d_model)."""
         z, xBC, dt = self.project(hidden_states, mask)
+        xBC = self.convolve(xBC)
         gn = self.ngroups * self.d_state
         x, B_fwd, C_fwd, B_bwd, C_bwd = xBC.split([self.d_inner, gn, gn, gn, gn], dim=-1)
         diagonal = F.linear(x, self.fc_D.weight, self.D)  # (b, l, nheads): D + fc_D(x)

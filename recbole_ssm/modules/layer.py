@@ -39,8 +39,22 @@ class MixerLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
         self.ffn = FeedForward(d_model, 4 * d_model, dropout, eps)
 
-    def forward(self, x, mask=None, positions=None):                # (b, l, d_model), (b, l) bool, (b,)
-        hidden = self.mixer(x, mask)
+    def forward(self, x, mask=None, positions=None, return_state=False):  # (b, l, d_model), (b, l) bool, (b,)
+        """With ``return_state`` (causal mixers, see :mod:`recbole_ssm.modules.streaming`), (output, the
+        mixer's state after each row's last real position, which ``mask`` then marks)."""
+        if not return_state:
+            return self.after_mixer(self.mixer(x, mask), x, positions)
+        mixed, state = self.mixer(x, mask, return_state=True)
+        return self.after_mixer(mixed, x, positions), state
+
+    def step(self, x, state):
+        """One new position per row through a causal mixer: x (b, d_model) -> (output, new state)."""
+        mixed, state = self.mixer.step(x, state)
+        return self.after_mixer(mixed, x), state
+
+    def after_mixer(self, hidden, x, positions=None):
+        """Dropout, residual, LayerNorm and feed-forward after the mixer (at ``positions`` only if given);
+        ``x`` is the mixer's input."""
         if positions is not None:
             rows = torch.arange(len(positions), device=positions.device)
             hidden, x = hidden[rows, positions], x[rows, positions]  # (b, d_model)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recbole_ssm.modules.arguments import check_positive_integers
+from recbole_ssm.modules.streaming import CausalStreaming, convolve_continuing, real_lengths
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d
 from recbole_ssm.ops.selective_scan import selective_scan
@@ -27,15 +28,19 @@ def sample_time_steps(size, dt_min, dt_max, dt_floor):
     return dt.clamp(min=dt_floor)
 
 
-class MambaBlock(nn.Module):
+class MambaBlock(CausalStreaming, nn.Module):
     """Selective SSM block: in_proj -> causal conv -> selective scan (gated by z) -> out_proj.
 
     forward(hidden_states (batch, length, d_model), mask (batch, length) bool or None)
         -> (batch, length, d_model). The block is causal; ``mask`` (True on real items) zeroes
         padded inputs, which for right-padded sequences never reach a real position anyway.
+    Its state (see :mod:`recbole_ssm.modules.streaming`): ``conv``, the last d_conv - 1 inputs of the
+    convolution (batch, d_conv - 1, d_inner), and ``ssm`` (batch, d_state, d_inner): the SSM state
+    transposed, as the compiled scan lays it out, so that steps pass it on without copies.
     """
 
     causal = True
+    state_names = ("conv", "ssm")
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_init_floor=1e-4, conv_bias=True, bias=False, backend="auto"):
@@ -63,18 +68,48 @@ class MambaBlock(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))             # (d_inner,)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
-    def forward(self, hidden_states, mask=None):
+    def empty_state(self, batch_size):
+        """The state before any position: zeros, on the block's device, the convolution inputs in its
+        dtype and the SSM state in that dtype promoted to float32 at least (as the scan computes)."""
+        weight = self.in_proj.weight
+        return {
+            "conv": weight.new_zeros(batch_size, self.d_conv - 1, self.d_inner),
+            "ssm": weight.new_zeros(batch_size, self.d_state, self.d_inner,
+                                    dtype=torch.promote_types(weight.dtype, torch.float32)),
+        }
+
+    def forward(self, hidden_states, mask=None, state=None, return_state=False):
+        """With ``state`` (from :meth:`empty_state` or an earlier call) the sequence continues from it;
+        with ``return_state`` the result is (output, state after each row's last real position), for
+        right-padded rows."""
+        streaming = state is not None or return_state
         if mask is not None:
             hidden_states = hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
-        x = depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias, causal=True,
-                             activation="silu", backend=self.backend)
+        if streaming:
+            lengths = None if mask is None else real_lengths(mask)
+            x, conv_state = convolve_continuing(x.transpose(1, 2), self.conv1d, self.backend,
+                                                None if state is None else state["conv"], lengths)
+            x = x.transpose(1, 2)
+        else:
+            x = depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias, causal=True,
+                                 activation="silu", backend=self.backend)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)     # (b, l, r), (b, l, n), (b, l, n)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)      # (b, d_inner, l), bias in the scan
-        y = selective_scan(
-            x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-            self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            backend=self.backend,
-        )                                                           # (b, d_inner, l)
-        return self.out_proj(y.transpose(1, 2))
+        A, B, C, D = -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), self.D.float()
+        dt_bias = self.dt_proj.bias.float()
+        if not streaming:
+            y = selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                               backend=self.backend)               # (b, d_inner, l)
+            return self.out_proj(y.transpose(1, 2))
+        if mask is not None:
+            # Padded positions convolve the real inputs before them, so their step sizes softplus(...)
+            # are > 0 and would decay and drive the state; a step size of 0 leaves it as it is.
+            dt = F.softplus(dt + dt_bias.unsqueeze(-1)).masked_fill(~mask.unsqueeze(1), 0)
+            dt_bias = None
+        y, ssm_state = selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias,
+                                      delta_softplus=dt_bias is not None,
+                                      initial_state=None if state is None else state["ssm"].transpose(1, 2),
+                                      return_last_state=True, backend=self.backend)
+        return self.out_proj(y.transpose(1, 2)), {"conv": conv_state, "ssm": ssm_state.transpose(1, 2)}

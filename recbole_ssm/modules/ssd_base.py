@@ -70,20 +70,23 @@ class SSDBlockBase(nn.Module):
             p._no_weight_decay = True
 
     def project(self, hidden_states, mask=None):
-        """Input projection and convolution.
+        """Input projection, before the convolution.
 
         hidden_states: (b, l, d_model); mask: (b, l) bool or None (True = real position), zeroes the
-        convolution's input at padded positions. Returns z (b, l, d_inner); xBC (b, l, d_inner + bc_dim)
-        after convolution and SiLU; dt (b, l, directions, nheads) after softplus(dt + dt_bias).
+        convolution's input at padded positions. Returns z (b, l, d_inner); xBC (b, l, d_inner + bc_dim),
+        the convolution's input; dt (b, l, directions, nheads) after softplus(dt + dt_bias).
         """
         z, xBC, dt = torch.split(self.in_proj(hidden_states),
                                  [self.d_inner, self.conv1d.in_channels, self.directions * self.nheads], dim=-1)
         if mask is not None:
             xBC = xBC.masked_fill(~mask.unsqueeze(-1), 0)
-        xBC = depthwise_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, causal=self.causal,
-                               activation="silu", backend=self.backend).transpose(1, 2)
         dt = F.softplus(dt.unflatten(-1, (self.directions, self.nheads)) + self.dt_bias)
         return z, xBC, dt
+
+    def convolve(self, xBC):
+        """The depthwise convolution (causal or centred) and SiLU: (b, l, channels) -> (b, l, channels)."""
+        return depthwise_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, causal=self.causal,
+                                activation="silu", backend=self.backend).transpose(1, 2)
 
     def A(self):
         """The decay rates, -exp(A_log), in float32 at least: (nheads,)."""
