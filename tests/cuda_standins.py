@@ -244,6 +244,7 @@ def install(monkeypatch, absent=()):
             setattr(module, attribute, function)
         monkeypatch.setitem(sys.modules, name, None if name in absent else module)
     monkeypatch.setattr(backend, "device_type", lambda tensor: "cuda" if tensor.device.type == "cpu" else tensor.device.type)
+    monkeypatch.setattr(backend, "cuda_device_available", lambda: True)
     reset_caches()
     return CALLS
 

@@ -29,6 +29,22 @@ def test_exp_error_bound_inside_a_kernel():
     assert (np.abs(got - exact) / exact).max() < 1e-7
 
 
+def test_decay_error_bound_inside_a_kernel():
+    # The scans' decays exp(delta * A), exponents <= 0: relative error 1.5e-7 + 1e-7 |x| (the rounding
+    # of x log2 e, as in mamba-ssm's CUDA scan), so the absolute error stays below 1.5e-7 exp(x) + 4e-8.
+    x = float32_grid(-87.3, 0)
+    got = np.empty_like(x)
+    compiled.decay_in_kernel(x, got)
+    exact = np.exp(x.astype(np.float64))
+    assert (np.abs(got - exact) / exact / (1.5e-7 + 1e-7 * np.abs(x))).max() < 1
+    assert (np.abs(got - exact) - 1.5e-7 * exact).max() < 4e-8
+    edges = np.array([-1e30, -88.5, -np.inf, np.nan, 0.0], dtype=np.float32)
+    got = np.empty_like(edges)
+    compiled.decay_in_kernel(edges, got)
+    np.testing.assert_array_equal(got[:3], 0)
+    assert np.isnan(got[3]) and got[4] == 1
+
+
 def test_exp_at_the_edges():
     x = np.array([-1e30, -200, -88.0, 89.0, 1e30, -np.inf, np.inf, np.nan, 0.0], dtype=np.float32)
     got = np.empty_like(x)

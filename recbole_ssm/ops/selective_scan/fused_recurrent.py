@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, softplus, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, decay, exp32, run_parts, softplus, split, threads
 
 # Positions whose states and decays the backward pass holds at once, per batch row and thread:
 # 2 * 64 * d_state * d_inner floats (2 MB at d_state 32, d_inner 128, float32).
@@ -47,7 +47,7 @@ def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1):
             for n in range(n_state):
                 A_n, h_n, B_tn, C_tn = A_T[n], h[n], B[b, t, n], C[b, t, n]
                 for d in range(d_inner):
-                    h_n[d] = exp32(dt[d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                    h_n[d] = decay(dt[d] * A_n[d]) * h_n[d] + drive[d] * B_tn
                     y[d] += h_n[d] * C_tn
             if z.shape[0]:
                 z_t = z[b, t]
@@ -90,7 +90,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
             for n in range(n_state):
                 A_n, h_n, B_tn = A_T[n], h[n], B[b, t, n]
                 for d in range(d_inner):
-                    h_n[d] = exp32(rates[0, d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                    h_n[d] = decay(rates[0, d] * A_n[d]) * h_n[d] + drive[d] * B_tn
         grad_h[:] = 0
         for c in range(chunks - 1, -1, -1):
             t0 = c * chunk
@@ -108,7 +108,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
                     A_n, before, after, a = A_T[n], states[j, n], states[j + 1, n], decays[j, n]
                     B_tn, C_tn = B[b, t, n], C[b, t, n]
                     for d in range(d_inner):
-                        a[d] = exp32(dt[d] * A_n[d])
+                        a[d] = decay(dt[d] * A_n[d])
                         after[d] = a[d] * before[d] + drive[d] * B_tn
                         y[d] += after[d] * C_tn
             # Then backwards through it.
