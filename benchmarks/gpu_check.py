@@ -1,7 +1,11 @@
 """The GPU check: everything a lent GPU machine should run, in one command, within one time limit.
 
-    python -m benchmarks.gpu_check --out "$OUT"                   # all stages, 570 s
+    python -m benchmarks.gpu_check --prepare .whl                 # here, with the package registry
+    python -m benchmarks.gpu_check --out "$OUT"                   # there: all stages, 570 s
     python -m benchmarks.gpu_check --out "$OUT" --stages machine install build kernels efficiency quality
+
+--prepare downloads what the GPU image lacks (WHEELS: RecBole and the three of its requirements
+the image has not; SDISTS: mamba-ssm and causal-conv1d, built there) into a folder to carry.
 
 Stages, in order (each is recorded as ok, failed or not run, with the reason and its seconds):
   machine     Python, torch, CUDA device, nvcc, Triton;
@@ -23,6 +27,7 @@ a kernel that did not load); the report is written in every case, and the exit s
 stage failed.
 """
 import argparse
+import ast
 import json
 import os
 import platform
@@ -43,6 +48,12 @@ EFFICIENCY_LENGTHS = (50, 200, 800, 2000, 4096)
 # The kernels' packages: sdist name prefix -> the variable that makes setup.py build rather than
 # download a prebuilt wheel (which would fail without network).
 KERNEL_PACKAGES = {"mamba_ssm": "MAMBA_FORCE_BUILD", "causal_conv1d": "CAUSAL_CONV1D_FORCE_BUILD"}
+# What the GPU image (Python 3.12, torch 2.11 + CUDA 13, no network; the device tool's KINDS.md) lacks.
+# Pure-Python wheels, installed without dependencies: RecBole's own pins would replace the image's
+# NumPy 2 and torch; recbole-ssm's compat module makes RecBole 1.2.1 run there (README, 'Python 3.12').
+WHEELS = ("recbole==1.2.1", "colorlog==4.7.2", "texttable==1.7.0", "thop==0.1.1.post2209072238")
+# The newest releases the [cuda] extra admits; both list CUDA 13's architectures in their setup.py.
+SDISTS = ("mamba-ssm==2.3.2.post1", "causal-conv1d==1.7.0")
 LOG_LIMIT = 8 * 2**20  # bytes of stage output kept in gpu_check.log
 RESERVE_SECONDS = 20   # kept back from the deadline to write the report
 
@@ -50,7 +61,10 @@ RESERVE_SECONDS = 20   # kept back from the deadline to write the report
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (the device tool's $OUT)")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--out", type=Path, help="run the check, writing into this folder (the device tool's $OUT)")
+    task.add_argument("--prepare", type=Path, metavar="WHEELHOUSE",
+                      help="download WHEELS and SDISTS into this folder (needs the package registry), then stop")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="stages to run, in their fixed order (default: all)")
     parser.add_argument("--wheelhouse", type=Path, default=REPO_ROOT / ".whl",
@@ -310,11 +324,21 @@ def _junit_summary(path):
             summary["passed"] += 1
         elif outcome.tag == "skipped":
             summary["skipped"] += 1
-            summary["skip_reasons"].append((outcome.text or outcome.get("message") or "").strip())
+            summary["skip_reasons"].append(_skip_reason(outcome))
         else:
             summary["failed" if outcome.tag == "failure" else "errors"] += 1
             summary["failures"].append({"test": name, "message": (outcome.get("message") or "")[:500]})
     return summary
+
+
+def _skip_reason(skipped):
+    """A junit <skipped> element's reason. A module skipped at collection has the message "collection
+    skipped" and the text (path, line, "Skipped: reason")."""
+    try:
+        reason = ast.literal_eval((skipped.text or "").strip())[2]
+    except (ValueError, SyntaxError, TypeError, IndexError):
+        reason = skipped.get("message") or ""
+    return reason.removeprefix("Skipped: ")
 
 
 def stage_efficiency(check, args):
@@ -384,8 +408,25 @@ def render_markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def prepare(wheelhouse):
+    """Download WHEELS (for CPython 3.12 on Linux x86-64) and SDISTS into ``wheelhouse``."""
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheelhouse)]
+    subprocess.run([*pip, "--only-binary=:all:", "--python-version", "3.12", "--implementation", "py",
+                    "--platform", "any", *WHEELS], check=True)
+    # An sdist's metadata is prepared by its setup.py, told here not to compile anything.
+    subprocess.run([*pip, "--no-binary=:all:", "--no-build-isolation", *SDISTS], check=True,
+                   env={**os.environ, "MAMBA_SKIP_CUDA_BUILD": "TRUE", "CAUSAL_CONV1D_SKIP_CUDA_BUILD": "TRUE"})
+    files = sorted(wheelhouse.iterdir())
+    print(f"{wheelhouse}: {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB: "
+          + ", ".join(f.name for f in files))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.prepare:
+        return prepare(args.prepare)
     args.out = args.out.resolve()
     check = Check(args.out, args.deadline)
     check.report["argv"] = sys.argv[1:] if argv is None else list(argv)
