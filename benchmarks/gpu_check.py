@@ -341,16 +341,26 @@ def _skip_reason(skipped):
     return reason.removeprefix("Skipped: ")
 
 
+def efficiency_arguments(out, budget, backend):
+    """The arguments of python -m benchmarks.efficiency in the efficiency stage."""
+    return ["--device", "cuda", "--models", *EFFICIENCY_MODELS, "--lengths", *map(str, EFFICIENCY_LENGTHS),
+            "--batch-size", "64", "--repeats", "10", "--warmup", "2", "--time-budget", f"{budget:.0f}",
+            "--output-dir", str(out), "--set", f"ssm_backend={backend}"]
+
+
+def quality_arguments(out, epochs, backend):
+    """The arguments of python -m benchmarks.quality in the quality stage (ml-100k, its default)."""
+    return ["--device", "cuda", "--models", *EFFICIENCY_MODELS, "--seeds", "2020", "--epochs", str(epochs),
+            "--stopping-step", "5", "--output-dir", str(out), "--set", f"ssm_backend={backend}"]
+
+
 def stage_efficiency(check, args):
     if not check.report["facts"].get("cuda_available"):
         return "not run", "no CUDA device"
     budget = max(60.0, check.remaining() * (0.5 if "quality" in args.stages else 1.0) - 15)
     backend = "cuda" if check.status("kernels") == "ok" else "torch"
     check.report["facts"]["benchmark_ssm_backend"] = backend
-    command = [sys.executable, "-m", "benchmarks.efficiency", "--device", "cuda", "--models", *EFFICIENCY_MODELS,
-               "--lengths", *map(str, EFFICIENCY_LENGTHS), "--batch-size", "64", "--repeats", "10",
-               "--warmup", "2", "--time-budget", f"{budget:.0f}", "--output-dir", str(check.out),
-               "--set", f"ssm_backend={backend}"]
+    command = [sys.executable, "-m", "benchmarks.efficiency", *efficiency_arguments(check.out, budget, backend)]
     code, output = check.run(command, budget + 15)
     note = "" if backend == "cuda" else " (our models on their PyTorch path: the kernels did not load)"
     if code is None:
@@ -369,9 +379,8 @@ def stage_quality(check, args):
     if not check.report["facts"].get("cuda_available"):
         return "not run", "no CUDA device"
     backend = "cuda" if check.status("kernels") == "ok" else "torch"
-    command = [sys.executable, "-m", "benchmarks.quality", "--device", "cuda", "--models", *EFFICIENCY_MODELS,
-               "--seeds", "2020", "--epochs", str(args.quality_epochs), "--stopping-step", "5",
-               "--output-dir", str(check.out), "--set", f"ssm_backend={backend}"]
+    command = [sys.executable, "-m", "benchmarks.quality",
+               *quality_arguments(check.out, args.quality_epochs, backend)]
     code, output = check.run(command, check.remaining())
     if code is None:
         return "failed", output + " (the runs that finished are in quality-ml-100k.json)"

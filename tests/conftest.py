@@ -1,4 +1,5 @@
 """Shared fixtures: tiny RecBole configurations and one real ml-100k load per test session."""
+import copy
 import os
 
 import pytest
@@ -51,3 +52,12 @@ def ml100k(make_config):
     config = make_config("Mamba4Rec")
     dataset = create_dataset(config)
     return (dataset, *data_preparation(config, dataset))
+
+
+def with_backend(module, backend):
+    """A copy of ``module`` (a block or a model) whose blocks and norms use ``backend``."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return module

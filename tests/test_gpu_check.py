@@ -58,3 +58,16 @@ def test_nvcc_shim_keeps_one_architecture():
     # A target whose number only starts like ARCH's is another architecture.
     assert one_architecture(["-gencode", "arch=compute_100,code=sm_100"], "10") == [
         "-gencode", "arch=compute_10,code=sm_10"]
+
+
+def test_benchmark_stages_pass_arguments_the_benchmarks_accept(tmp_path):
+    """The efficiency and quality stages never ran here (no CUDA): their command lines at least parse,
+    and ask for what the issue asks (SASRec against our models, L up to 4096, ml-100k, the kernels)."""
+    from benchmarks import efficiency, quality
+
+    bench = efficiency.parse_args(gpu_check.efficiency_arguments(tmp_path, 240, "cuda"))
+    assert (bench.device, bench.time_budget, max(bench.lengths), bench.overrides) == ("cuda", 240, 4096, ["ssm_backend=cuda"])
+    assert bench.models == ["SASRec", "Mamba4Rec", "Mamba2Rec", "Hydra4Rec"]
+    run = quality.parse_args(gpu_check.quality_arguments(tmp_path, 20, "torch"))
+    assert (run.device, run.dataset, run.epochs, run.seeds, run.overrides) == ("cuda", "ml-100k", 20, [2020],
+                                                                        ["ssm_backend=torch"])

@@ -11,8 +11,6 @@ our PyTorch path on the same device, weights and inputs (float32 unless stated):
 Each check records its measured error as a test property (``record_property``), so that the junit
 report of a run (benchmarks/gpu_check.py) shows how close each came to its bound.
 """
-import copy
-
 import torch
 
 # Without CUDA, conftest.py collects test_gpu_device.py alone, which skips with this reason.
@@ -38,23 +36,3 @@ def relative_error(got, expected):
         return float("inf")
     expected = expected.double()
     return ((got.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def with_backend(module, backend):
-    """A copy of ``module`` (a block or a model) whose blocks and norms use ``backend``."""
-    module = copy.deepcopy(module)
-    for m in module.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
-        if hasattr(m, "ssm_backend"):
-            m.ssm_backend = backend
-    return module
-
-
-def grads_of(tensors):
-    """The .grad of each tensor, by name, then cleared."""
-    grads = {}
-    for name, tensor in tensors.items():
-        grads[name] = tensor.grad
-        tensor.grad = None
-    return grads

@@ -5,8 +5,8 @@ import torch
 from recbole.utils import get_model, get_trainer, init_seed
 
 from recbole_ssm.compat import load_checkpoint
-from tests.conftest import MODELS
-from tests.gpu.settings import DEVICE, MODEL_TOLERANCE, REFERENCE, with_backend
+from tests.conftest import MODELS, with_backend
+from tests.gpu.settings import DEVICE, MODEL_TOLERANCE, REFERENCE
 
 pytestmark = pytest.mark.gpu
 

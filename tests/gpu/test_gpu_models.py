@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 from recbole.utils import get_model
 
-from tests.conftest import MODELS
-from tests.gpu.settings import (BF16_AUTOCAST, DEVICE, FUSED, MODEL_TOLERANCE, REFERENCE, relative_error,
-                                  with_backend)
+from tests.conftest import MODELS, with_backend
+from tests.gpu.settings import (BF16_AUTOCAST, DEVICE, FUSED, MODEL_TOLERANCE, REFERENCE,
+                                  relative_error)
 
 pytestmark = pytest.mark.gpu
 
