@@ -1,4 +1,5 @@
 """Shared fixtures: tiny RecBole configurations and one real ml-100k load per test session."""
+import copy
 import os
 
 import pytest
@@ -76,3 +77,12 @@ def ml100k_histories(ml100k):
     rows = [int((item_seq_len == length).nonzero()[0]) for length in item_seq_len.unique().tolist()]
     assert len(rows) == item_seq.shape[1] == config["MAX_ITEM_LIST_LENGTH"]  # every length occurs
     return item_seq[rows], item_seq_len[rows]
+
+
+def with_backend(module, backend):
+    """A copy of ``module`` (a block or a model) whose blocks and norms use ``backend``."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return module

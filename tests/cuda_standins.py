@@ -7,9 +7,8 @@ to v1.7.0: identical there), then computes with our pure-PyTorch reference and r
 the real kernel's dtype and memory layout. A broken precondition raises :class:`KernelContractError`.
 
 They model the kernels' contracts, not their arithmetic (TF32 products, bfloat16 states between
-chunks): only a real GPU run (tests/gpu, planned by the GPU-readiness issue) can check that. They
-compute in the caller's autocast state, as our PyTorch path does, so that the two paths can be
-compared exactly. Only the arguments recbole-ssm passes are modelled; any other one is refused.
+chunks): only a real GPU run (tests/gpu) can check that. They compute in the caller's autocast
+state, as our PyTorch path does, so that the two paths can be compared exactly. Only the arguments recbole-ssm passes are modelled; any other one is refused.
 """
 import sys
 import types

@@ -1,11 +1,10 @@
 """The CUDA dispatch, run on the CPU through stand-ins for mamba-ssm's and causal-conv1d's kernels
 (tests/cuda_standins.py), which check every call against the real kernels' preconditions.
 
-What only a GPU run can add (the GPU-readiness issue plans it as tests/gpu): the kernels' own
+What only a GPU run can add (tests/gpu, run by benchmarks/gpu_check.py): the kernels' own
 arithmetic, and that the real modules load.
 """
 import configparser
-import copy
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from recbole_ssm.ops.hydra import hydra_mixer
 from recbole_ssm.ops.selective_scan import selective_scan
 from recbole_ssm.ops.ssd import ssd_scan
 from tests import cuda_standins
-from tests.conftest import MODELS
+from tests.conftest import MODELS, with_backend
 from tests.cuda_standins import KernelContractError
 from tests.selective_scan_reference import random_inputs
 
@@ -285,15 +284,6 @@ BLOCKS = {
                         {SSD: 1, NORM: 1}),
 }
 SETTINGS = ["float32", "float32 masked", "autocast bfloat16 masked"]
-
-
-def with_backend(module, backend):
-    """A copy of ``module`` whose blocks and norms use ``backend``."""
-    module = copy.deepcopy(module)
-    for m in module.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
-    return module
 
 
 def run(block, setting, batch=3, length=11):
