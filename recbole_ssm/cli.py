@@ -16,13 +16,6 @@ import recbole_ssm  # noqa: F401  (registers our models with RecBole)
 from recbole_ssm import compat, registry
 
 
-def _spawned_run(rank, *args):
-    """Entry point of each process of a multi-process run: importing this module registered our models."""
-    from recbole.quick_start import run_recboles
-
-    run_recboles(rank, *args)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="run_recbole",
@@ -94,7 +87,7 @@ def run(args):
                    "nproc": args.nproc, "offset": args.group_offset}
     kwargs = {"config_dict": config_dict, "queue": queue}
     try:
-        mp.spawn(_spawned_run, args=(args.model, args.dataset, config_files, kwargs),
+        mp.spawn(compat.run_recboles, args=(args.model, args.dataset, config_files, kwargs),
                  nprocs=args.nproc, join=True)
     except ProcessException as error:
         raise RunFailed(f"the run failed, and this machine's other processes were stopped.{error}") from None

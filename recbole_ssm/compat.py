@@ -34,9 +34,10 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
    a. ``Config._init_device`` asserted one GPU per process and hard-wired nccl and CUDA, so no run
       started on a CPU. Processes now run on CUDA with nccl when ``gpu_id`` names GPUs and CUDA is
       available, else on the CPU with gloo; the config key ``ddp_backend`` overrides the backend and
-      ``ddp_timeout`` (seconds) bounds every wait for the other processes. An unusable setting
-      (more processes than GPUs, ranks beyond ``world_size``, nccl without GPUs, a port in use, a
-      rank that never joins) raises :class:`DistributedSetupError` saying so. Only rank 0 (of all
+      ``ddp_timeout`` (seconds) bounds every wait for the other processes. CPU processes share the
+      cores (each gets cores / nproc threads unless ``OMP_NUM_THREADS`` is set). An unusable
+      setting (more processes than GPUs, ranks beyond ``world_size``, nccl without GPUs, a port in
+      use, a rank that never joins) raises :class:`DistributedSetupError` saying so. Only rank 0 (of all
       machines) logs, shows progress, writes a log file or TensorBoard events, and saves datasets,
       dataloaders and checkpoints; the other ranks log errors to stderr.
    b. On CPUs the trainer wraps the model in DDP without device ids (RecBole passed the local
@@ -57,7 +58,10 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
       ``load_data_and_model`` failed in a single process ("Default process group has not been
       initialized"): a config unpickled outside a multi-process run now describes a single-process
       one.
-   g. ``Dataset._download`` called ``barrier()`` in single-process runs too (RecBole issue #1989),
+   g. RecBole's ``run`` spawns processes that start in ``run_recboles``; a process spawned from an
+      interactive session imported only RecBole, without our models or these fixes. They now
+      start in :func:`run_recboles`, whose module imports recbole_ssm first.
+   h. ``Dataset._download`` called ``barrier()`` in single-process runs too (RecBole issue #1989),
       and the other ranks could see the dataset folder appear mid-download and load it partly.
       The barrier is now only in multi-process runs, and there each machine's local rank 0
       downloads a missing dataset before any rank loads it.
@@ -372,6 +376,9 @@ def init_device(self):
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # The processes share this machine's cores, of which PyTorch would give each all.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // nproc))
     join_process_group(backend, config["offset"] + local_rank, config["world_size"],
                        config["ip"], config["port"], config.get("ddp_timeout"))
     config.update(single_spec=False, device=device)
@@ -444,8 +451,12 @@ class ContiguousShardSampler(torch.utils.data.Sampler):
     def __init__(self, data, shuffle=False, drop_last=False):
         if shuffle or drop_last:
             raise ValueError("evaluation shards are neither shuffled nor cut")
-        self.indices = contiguous_share(len(data), torch.distributed.get_rank(),
-                                        torch.distributed.get_world_size())
+        ranks = torch.distributed.get_world_size()
+        if 0 < len(data) < ranks:
+            # A rank without a batch would skip the evaluation that the others wait for it in.
+            raise ValueError(f"{len(data)} evaluation samples cannot be shared by {ranks} "
+                             "processes: use at most as many processes as samples")
+        self.indices = contiguous_share(len(data), torch.distributed.get_rank(), ranks)
 
     def __iter__(self):
         return iter(self.indices)
@@ -503,6 +514,15 @@ def _downloaded_before_loading(load_data, self, token, dataset_path):
     return load_data(self, token, dataset_path)
 
 
+def run_recboles(rank, model, dataset, config_file_list, kwargs):
+    """RecBole's ``run_recboles``, where each spawned process starts: unpickling it there imports
+    recbole_ssm (these fixes, our models) first."""
+    from recbole.quick_start import quick_start
+
+    kwargs["config_dict"] = {**(kwargs.get("config_dict") or {}), "local_rank": rank}
+    quick_start.run_recbole(model, dataset, config_file_list, **kwargs)
+
+
 def _logs_on_rank0(init_logger, config):
     """RecBole's ``init_logger``; ranks other than 0 log errors only, to stderr, without a log file."""
     if global_rank() == 0:
@@ -518,6 +538,7 @@ class _DiscardingWriter:
 
 
 def _tensorboard_on_rank0(get_tensorboard, logger):
+    """RecBole's ``get_tensorboard``; ranks other than 0 get a writer that discards everything."""
     return get_tensorboard(logger) if global_rank() == 0 else _DiscardingWriter()
 
 
@@ -583,6 +604,7 @@ def _apply_distributed_fixes(quick_start_module):
     Dataset._load_data = _wrapped_once(Dataset._load_data, _downloaded_before_loading)
     for module in (recbole.utils, quick_start_module):
         module.init_logger = _wrapped_once(module.init_logger, _logs_on_rank0)
+    quick_start_module.run_recboles = recbole.quick_start.run_recboles = run_recboles
 
 
 def apply():

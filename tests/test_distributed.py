@@ -4,52 +4,25 @@ import os
 import pickle
 import socket
 import subprocess
-import time
-import zipfile
 
 import pytest
-import recbole
 import torch
 from recbole.config import Config
 from recbole.data import create_dataset
 from recbole.data.dataset import dataset as dataset_module
-from recbole.trainer import trainer as trainer_module
+from recbole.quick_start import run_recbole
 
 from recbole_ssm import compat
 from recbole_ssm.cli import main
+from tests import ranks
 from tests.conftest import RUN_RECBOLE, TINY, evaluate_checkpoint, logged_result
+from tests.ranks import RUN_TIMEOUT, free_port, rank_layout, run_ranks
 
 # An epoch in seconds: ml-100k's users with fewer than 50 interactions (375 of 943, an odd number,
 # so that over 2 processes RecBole's padded DistributedSampler would count one user twice),
 # histories of 10, evaluation in batches of 32 users per process.
 DDP_TINY = {**TINY, "MAX_ITEM_LIST_LENGTH": 10, "user_inter_num_interval": "[0,50)",
             "eval_batch_size": 64, "epochs": 1}
-# Seconds a multi-process run may take here (one takes 20-90 s on the shared 2-core machine): a
-# hang fails the test instead of blocking the suite.
-RUN_TIMEOUT = 600
-BUNDLED_ML100K = os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k")
-
-
-def free_port():
-    """A TCP port that nothing on this machine listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def run_ranks(worker, tmp_path):
-    """Run ``worker(rank, port, tmp_path)`` as ranks 0 and 1 (spawned processes, a hang fails the
-    test); returns the text each rank wrote to ``tmp_path / f"rank{rank}"``."""
-    ranks = torch.multiprocessing.spawn(worker, args=(free_port(), tmp_path), nprocs=2, join=False)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    try:
-        while not ranks.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the ranks did not finish within {RUN_TIMEOUT} s (a hang)")
-    finally:
-        for process in ranks.processes:
-            process.kill()
-    return [(tmp_path / f"rank{rank}").read_text() for rank in range(2)]
 
 
 def launch(tmp_path, model, *flag_sets):
@@ -114,14 +87,27 @@ def test_two_processes(tmp_path, model, options):
 
 
 def test_two_machines_on_localhost(tmp_path):
-    """Two launches, one process each, as ranks 0 and 1 of a 2-process run over 2 "machines"."""
-    machine = {"nproc": 1, "world_size": 2, "ip": "127.0.0.1", "port": free_port()}
+    """Two launches, one process each, as ranks 0 and 1 of a 2-process run over 2 "machines".
+
+    Without shuffling and dropout the two train as one process does: each takes half of every
+    batch (even and odd samples) and their gradients are averaged, so the weights agree with a
+    single-process run's to float rounding.
+    """
+    alike = {"shuffle": False, "dropout_prob": 0}
+    machine = {"nproc": 1, "world_size": 2, "ip": "127.0.0.1", "port": free_port(), **alike}
     (status0, output0), (status1, output1) = launch(
         tmp_path, "Mamba2Rec", {**machine, "group_offset": 0}, {**machine, "group_offset": 1})
     assert (status0, status1) == (0, 0), output0[-3000:] + output1[-3000:]
     assert "test result" not in output1  # rank 1 logs errors only
     checkpoint = assert_one_file_of_each(tmp_path, "Mamba2Rec")
     assert_metrics_of_one_process(output0, checkpoint)
+
+    run_recbole(model="Mamba2Rec", dataset="ml-100k",
+                config_dict={**DDP_TINY, **alike, "checkpoint_dir": str(tmp_path / "one")})
+    one_process, = glob.glob(str(tmp_path / "one" / "Mamba2Rec-*.pth"))
+    one_process_weights = compat.load_checkpoint(one_process)["state_dict"]
+    for name, weights in compat.load_checkpoint(checkpoint)["state_dict"].items():
+        torch.testing.assert_close(weights, one_process_weights[name], rtol=1e-5, atol=1e-5)
 
 
 def test_failure_on_one_machine_ends_the_other(tmp_path):
@@ -135,6 +121,14 @@ def test_failure_on_one_machine_ends_the_other(tmp_path):
     assert status0 == 1, output0[-3000:]
     assert "run_recbole: error: the run failed" in output0
     assert not glob.glob(str(tmp_path / "saved" / "*.pth"))
+
+
+def test_spawned_processes_start_in_recbole_ssm():
+    """RecBole's run() spawns run_recboles: a spawned process unpickles it from our module, so it
+    imports recbole_ssm (our models, the fixes) even when spawned from an interactive session."""
+    from recbole.quick_start import quick_start
+
+    assert b"recbole_ssm.compat" in pickle.dumps(quick_start.run_recboles)
 
 
 def test_world_size_smaller_than_nproc(capsys):
@@ -182,11 +176,10 @@ def test_more_processes_than_gpus(monkeypatch):
     """Checked before any GPU is touched (simulated: this machine has no GPU)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    layout = {"local_rank": 0, "nproc": 2, "world_size": 2, "offset": 0, "ip": "127.0.0.1",
-              "port": free_port(), "gpu_id": "0"}
     with pytest.raises(compat.DistributedSetupError,
                        match="nproc=2 processes need one GPU each, and gpu_id='0' makes 1 visible"):
-        Config(model="Mamba2Rec", dataset="ml-100k", config_dict=layout)
+        Config(model="Mamba2Rec", dataset="ml-100k",
+               config_dict={**rank_layout(0, free_port()), "gpu_id": "0"})
 
 
 def test_backend_choice():
@@ -199,25 +192,33 @@ def test_backend_choice():
         compat.ddp_backend("tcp", on_gpu=False)
 
 
-def _write_local_time(rank, port, tmp_path):
-    compat.join_process_group("gloo", rank, 2, "127.0.0.1", port, timeout=RUN_TIMEOUT)
-    time.sleep(1.5 * rank)  # rank 1 asks its clock more than a second later
-    (tmp_path / f"rank{rank}").write_text(trainer_module.get_local_time())
-
-
-def test_checkpoint_time_stamp_agreed(tmp_path):
-    """The trainer names the checkpoint after get_local_time(): each rank gets rank 0's."""
-    rank0_time, rank1_time = run_ranks(_write_local_time, tmp_path)
-    assert rank0_time == rank1_time
+def test_rank_processes_share_cores_and_time_stamp(tmp_path, monkeypatch):
+    """Without OMP_NUM_THREADS each of 2 CPU processes takes half the cores, not all of them; the
+    trainer names the checkpoint after get_local_time(), and each rank gets rank 0's."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    (threads0, time0), (threads1, time1) = (
+        written.split(" ", 1) for written in run_ranks(ranks.write_threads_and_time, tmp_path))
+    assert int(threads0) == int(threads1) == half
+    assert time0 == time1
 
 
 @pytest.mark.parametrize("size", [0, 1, 2, 7, 375, 944])
-@pytest.mark.parametrize("ranks", [1, 2, 3, 8])
-def test_contiguous_shares(size, ranks):
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_contiguous_shares(size, world_size):
     """Every index once, in order, shares within one of each other: no padding, no duplicates."""
-    shares = [compat.contiguous_share(size, rank, ranks) for rank in range(ranks)]
+    shares = [compat.contiguous_share(size, rank, world_size) for rank in range(world_size)]
     assert [index for share in shares for index in share] == list(range(size))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_fewer_evaluation_samples_than_processes(monkeypatch):
+    """Refused: a process without any would skip the evaluation while the others wait for it."""
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    assert list(compat.ContiguousShardSampler(range(3))) == [0]
+    with pytest.raises(ValueError, match="2 evaluation samples cannot be shared by 3 processes"):
+        compat.ContiguousShardSampler(range(2))
 
 
 def test_multi_process_config_unpickles_as_single_process(make_config):
@@ -229,44 +230,15 @@ def test_multi_process_config_unpickles_as_single_process(make_config):
     assert unpickled["model"] == "Mamba2Rec" and unpickled["world_size"] == 2
 
 
-def serve_ml100k_as_ml1m(url, folder):
-    """Stands in for RecBole's ``download_url`` (no network here): ml-100k's interactions, zipped as ml-1m."""
-    archive = os.path.join(folder, "ml-1m.zip")
-    with zipfile.ZipFile(archive, "w") as zipped:
-        zipped.write(os.path.join(BUNDLED_ML100K, "ml-100k.inter"), "ml-1m.inter")
-    return archive
-
-
-def downloading_config(tmp_path, **layout):
-    """A config of the "ml-1m" that the stand-in download provides, in ``tmp_path``."""
-    return Config(model="Mamba2Rec", dataset="ml-1m",
-                  config_dict={**TINY, "data_path": str(tmp_path), **layout})
-
-
 def test_dataset_download_in_one_process(tmp_path, monkeypatch):
     """RecBole issue #1989: downloading a dataset called barrier() without a process group."""
     monkeypatch.setattr(dataset_module, "decide_download", lambda url: True)
-    monkeypatch.setattr(dataset_module, "download_url", serve_ml100k_as_ml1m)
-    assert create_dataset(downloading_config(tmp_path)).inter_num == 100_000
+    monkeypatch.setattr(dataset_module, "download_url", ranks.serve_ml100k_as_ml1m)
+    assert create_dataset(ranks.downloading_config(tmp_path)).inter_num == 100_000
     assert os.listdir(tmp_path / "ml-1m") == ["ml-1m.inter"]
-
-
-def _download_and_load(rank, port, tmp_path):
-    def slow_download(url, folder):
-        with open(tmp_path / "downloads", "a") as downloads:
-            downloads.write(f"rank {rank}\n")
-        time.sleep(2)  # the dataset folder exists, its files do not yet
-        return serve_ml100k_as_ml1m(url, folder)
-
-    dataset_module.decide_download = lambda url: True
-    dataset_module.download_url = slow_download
-    config = downloading_config(tmp_path, local_rank=rank, nproc=2, world_size=2, offset=0,
-                                ip="127.0.0.1", port=port)
-    time.sleep(rank)  # rank 1 looks for the dataset while rank 0 downloads it
-    (tmp_path / f"rank{rank}").write_text(str(create_dataset(config).inter_num))
 
 
 def test_dataset_download_in_two_processes(tmp_path):
     """Rank 0 downloads; rank 1 waits for the whole dataset instead of loading a partial folder."""
-    assert run_ranks(_download_and_load, tmp_path) == ["100000", "100000"]
+    assert run_ranks(ranks.download_and_load, tmp_path) == ["100000", "100000"]
     assert (tmp_path / "downloads").read_text() == "rank 0\n"
