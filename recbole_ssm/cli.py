@@ -90,7 +90,8 @@ def run(args):
         mp.spawn(compat.run_recboles, args=(args.model, args.dataset, config_files, kwargs),
                  nprocs=args.nproc, join=True)
     except ProcessException as error:
-        raise RunFailed(f"the run failed, and this machine's other processes were stopped.{error}") from None
+        raise RunFailed(
+            f"the run failed, and this machine's other processes were stopped.{error}") from None
     return None if queue.empty() else queue.get()
 
 

@@ -1,7 +1,8 @@
 """The fixes that let RecBole 1.2.1 run on today's Python, NumPy and PyTorch, in one place.
 
-:func:`apply` (called by ``import recbole_ssm``) makes seven targeted changes to RecBole, each one
-covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
+:func:`apply` (called by ``import recbole_ssm``) makes eight targeted changes to RecBole, each one
+covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``, 8 by
+``tests/test_distributed.py``):
 
 1. NumPy 2: ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and friends; NumPy 2
    removed ``np.float_``, so every ``Config(...)`` failed. It now sets only the aliases that the
@@ -37,9 +38,9 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
       ``ddp_timeout`` (seconds) bounds every wait for the other processes. CPU processes share the
       cores (each gets cores / nproc threads unless ``OMP_NUM_THREADS`` is set). An unusable
       setting (more processes than GPUs, ranks beyond ``world_size``, nccl without GPUs, a port in
-      use, a rank that never joins) raises :class:`DistributedSetupError` saying so. Only rank 0 (of all
-      machines) logs, shows progress, writes a log file or TensorBoard events, and saves datasets,
-      dataloaders and checkpoints; the other ranks log errors to stderr.
+      use, a rank that never joins) raises :class:`DistributedSetupError` saying so. Only rank 0
+      (of all machines) logs, shows progress, writes a log file or TensorBoard events, and saves
+      datasets, dataloaders and checkpoints; the other ranks log errors to stderr.
    b. On CPUs the trainer wraps the model in DDP without device ids (RecBole passed the local
       rank, which DDP refuses for CPU modules) and keeps BatchNorm (SyncBatchNorm is GPU-only).
    c. Each rank named the checkpoint after its own clock (one-second resolution), so ranks could
@@ -63,8 +64,8 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
       start in :func:`run_recboles`, whose module imports recbole_ssm first.
    h. ``Dataset._download`` called ``barrier()`` in single-process runs too (RecBole issue #1989),
       and the other ranks could see the dataset folder appear mid-download and load it partly.
-      The barrier is now only in multi-process runs, and there each machine's local rank 0
-      downloads a missing dataset before any rank loads it.
+      The barrier is now only in multi-process runs, and there rank 0 downloads a missing dataset,
+      then each other machine's local rank 0 if it is still missing there, before any rank loads.
 """
 import contextlib
 import datetime
@@ -209,7 +210,8 @@ def _loads_recbole_checkpoints(function):
 
 
 def _wrapped_once(function, around):
-    """``function`` called as ``around(function, *args, **kwargs)``; one already so wrapped is left as it is."""
+    """``function`` called as ``around(function, *args, **kwargs)``; one already so wrapped is left
+    as it is."""
     arounds = getattr(function, "__recbole_ssm_arounds__", ())
     if around in arounds:
         return function
@@ -321,7 +323,8 @@ def check_process_layout(nproc, world_size, group_offset):
 
 
 def ddp_backend(requested, on_gpu):
-    """The process-group backend: ``requested`` (config ``ddp_backend``), else nccl on GPUs, gloo on CPUs."""
+    """The process-group backend: ``requested`` (config ``ddp_backend``), else nccl on GPUs and gloo
+    on CPUs."""
     backend = str(requested).lower() if requested else ("nccl" if on_gpu else "gloo")
     if backend == "nccl" and not on_gpu:
         raise DistributedSetupError(
@@ -388,7 +391,8 @@ def init_device(self):
 
 
 def unpickle_config(self, state):
-    """``Config.__setstate__``: unpickled outside a multi-process run, a config describes a single process."""
+    """``Config.__setstate__``: unpickled outside a multi-process run, a config describes a single
+    process."""
     self.__dict__.update(state)
     if not torch.distributed.is_initialized():
         self.final_config_dict["single_spec"] = True

@@ -52,7 +52,8 @@ def rank_layout(rank, port):
 
 
 def serve_ml100k_as_ml1m(url, folder):
-    """Stands in for RecBole's ``download_url`` (no network here): ml-100k's interactions, zipped as ml-1m."""
+    """Stands in for RecBole's ``download_url`` (no network here): ml-100k's interactions, zipped
+    as ml-1m."""
     archive = os.path.join(folder, "ml-1m.zip")
     with zipfile.ZipFile(archive, "w") as zipped:
         zipped.write(os.path.join(BUNDLED_ML100K, "ml-100k.inter"), "ml-1m.inter")

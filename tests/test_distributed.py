@@ -56,7 +56,8 @@ def launch(tmp_path, model, *flag_sets):
 
 
 def assert_one_file_of_each(tmp_path, model):
-    """Rank 0 alone wrote the checkpoint, the log file and the TensorBoard events; returns the checkpoint."""
+    """Rank 0 alone wrote the checkpoint, the log file and the TensorBoard events; returns the
+    checkpoint."""
     checkpoint, = glob.glob(str(tmp_path / "saved" / f"{model}-*.pth"))
     assert len(glob.glob(str(tmp_path / "log" / model / "*.log"))) == 1
     assert len(os.listdir(tmp_path / "log_tensorboard")) == 1
