@@ -5,8 +5,9 @@ Same flags as RecBole's script (--model, --dataset, --config_files, --nproc, --i
 RecBole's ``Config`` from the command line as usual.
 
 With ``--nproc N`` (and, over several machines, ``--world_size`` / ``--group_offset``) the run
-spawns N processes on this machine through RecBole's DDP, fixed by :mod:`recbole_ssm.compat` (fix 8):
-gloo on CPUs, nccl on GPUs. If one process fails, the others are stopped and the command exits 1.
+spawns N processes on this machine through RecBole's DDP, fixed by :mod:`recbole_ssm.compat`
+(fix 9): gloo on CPUs, nccl on GPUs. If one process fails, the others are stopped and the command
+exits 1.
 """
 import argparse
 import socket
@@ -14,6 +15,7 @@ import sys
 
 import recbole_ssm  # noqa: F401  (registers our models with RecBole)
 from recbole_ssm import compat, registry
+from recbole_ssm.models.checks import RunCheckError
 
 
 def build_parser():
@@ -35,7 +37,7 @@ def build_parser():
 
 
 def check_model(name):
-    """Raise a ValueError naming our models when RecBole cannot find ``name``."""
+    """Raise a RunCheckError (a ValueError) naming our models when RecBole cannot find ``name``."""
     from recbole.utils import get_model
 
     try:
@@ -43,14 +45,15 @@ def check_model(name):
     except (ValueError, ImportError):
         # RecBole's lookup of an unknown name also imports its exlib models, which fail with
         # ImportError when lightgbm / xgboost are not installed.
-        raise ValueError(
+        raise RunCheckError(
             f"unknown model {name!r}: it is neither one of recbole-ssm's models "
             f"({', '.join(registry.model_names())}) nor a RecBole built-in model"
         ) from None
 
 
 def check_port_free(port):
-    """Raise DistributedSetupError if a process on this machine listens on ``port``, where rank 0 will."""
+    """Raise DistributedSetupError if a process on this machine listens on ``port``, where rank 0
+    will."""
     with socket.socket() as probe:
         # As PyTorch's store does: a port whose last connections are closing (TIME_WAIT) is usable.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -76,12 +79,15 @@ def run(args):
         return run_recbole(model=args.model, dataset=args.dataset, config_file_list=config_files)
 
     import torch.multiprocessing as mp
+    from recbole.config import Config
     from torch.multiprocessing.spawn import ProcessException
 
     world_size = args.nproc if args.world_size == -1 else args.world_size
     compat.check_process_layout(args.nproc, world_size, args.group_offset)
     if args.group_offset == 0:
         check_port_free(args.port)
+    # The settings checks (RunCheckError), here once rather than in a traceback from each process.
+    Config(model=args.model, dataset=args.dataset, config_file_list=config_files)
     queue = mp.get_context("spawn").SimpleQueue()
     config_dict = {"world_size": world_size, "ip": args.ip, "port": args.port,
                    "nproc": args.nproc, "offset": args.group_offset}
@@ -102,11 +108,8 @@ def main(argv=None):
     args, _ = build_parser().parse_known_args(sys.argv[1:])
     try:
         check_model(args.model)
-    except ValueError as error:
-        return _failed(error, status=2)
-    try:
         run(args)
-    except compat.DistributedSetupError as error:
+    except (RunCheckError, compat.DistributedSetupError) as error:  # refused before any training
         return _failed(error, status=2)
     except RunFailed as error:
         return _failed(error, status=1)

@@ -1,4 +1,4 @@
-"""Multi-process runs (RecBole's DDP) on CPUs with gloo, through run_recbole: recbole_ssm.compat fix 8."""
+"""Multi-process runs (RecBole's DDP) on CPUs with gloo, through run_recbole: recbole_ssm.compat fix 9."""
 import glob
 import os
 import pickle
@@ -137,6 +137,13 @@ def test_world_size_smaller_than_nproc(capsys):
     error = capsys.readouterr().err
     assert "run_recbole: error: world_size=1 is too small" in error
     assert "ranks 0 to 1" in error
+
+
+def test_refused_setting_before_any_process_starts(capsys):
+    """As in a single-process run: one line naming the setting, exit status 2."""
+    assert main(["--model=Mamba2Rec", "--nproc=2", "--num_layers=0"]) == 2
+    assert capsys.readouterr().err == ("run_recbole: error: num_layers = 0 (type int) is not "
+                                       "allowed: expected an integer >= 1\n")
 
 
 def test_ranks_beyond_world_size(capsys):

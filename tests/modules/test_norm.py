@@ -10,10 +10,12 @@ def rms(v, eps=1e-5):
     return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("group_size", [None, 3, 6])
-def test_gated_rmsnorm(group_size):
+def test_gated_rmsnorm(group_size, backend):
     torch.manual_seed(0)
-    x, z = torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 5, 12, dtype=torch.float64)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(12, dtype=torch.float64)
     gs = 12 if group_size is None else group_size
 
@@ -21,17 +23,35 @@ def test_gated_rmsnorm(group_size):
         return torch.cat([rms(v[..., i:i + gs]) for i in range(0, 12, gs)], dim=-1)
 
     expected = {
-        True: grouped(x) * weight * (z * torch.sigmoid(z)),
-        False: grouped(x * z * torch.sigmoid(z)) * weight,
+        True: lambda w: grouped(x) * w * (z * torch.sigmoid(z)),
+        False: lambda w: grouped(x * z * torch.sigmoid(z)) * w,
     }
-    for norm_before_gate, y_ref in expected.items():
-        norm = RMSNormGated(12, group_size=group_size, norm_before_gate=norm_before_gate).double()
+    grad = torch.randn(2, 5, 12, dtype=torch.float64)
+    for norm_before_gate, reference in expected.items():
+        norm = RMSNormGated(12, group_size=group_size, norm_before_gate=norm_before_gate, backend=backend).double()
         assert [(n, tuple(p.shape)) for n, p in norm.named_parameters()] == [("weight", (12,))]
         assert norm.eps == 1e-5
         with torch.no_grad():
             norm.weight.copy_(weight)
-        torch.testing.assert_close(norm(x, z), y_ref, rtol=0, atol=1e-12)
-        torch.testing.assert_close(norm(x), grouped(x) * weight, rtol=0, atol=1e-12)
+        for got, y_ref in ((norm(x, z), reference(norm.weight)), (norm(x), grouped(x) * norm.weight)):
+            torch.testing.assert_close(got, y_ref, rtol=0, atol=1e-12)
+            got_grads = torch.autograd.grad(got, (x, z, norm.weight), grad, allow_unused=True)
+            ref_grads = torch.autograd.grad(y_ref, (x, z, norm.weight), grad, allow_unused=True)
+            for got_grad, ref_grad in zip(got_grads, ref_grads):
+                if ref_grad is None:
+                    assert got_grad is None or not got_grad.any()
+                else:
+                    torch.testing.assert_close(got_grad, ref_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_compiled_gradcheck(norm_before_gate):
+    torch.manual_seed(1)
+    x, z = (torch.randn(3, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    norm = RMSNormGated(6, group_size=3, norm_before_gate=norm_before_gate, backend="numba")
+    assert torch.autograd.gradcheck(
+        lambda x, z, w: torch.func.functional_call(norm, {"weight": w}, (x, z)), (x, z, weight))
 
 
 def test_half_precision_input_is_computed_in_float32():

@@ -5,40 +5,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from recbole_ssm.ops import selective_scan as selective_scan_module
-from recbole_ssm.ops.selective_scan import _decay, selective_scan, selective_scan_torch
-
-
-def recurrence(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = <h_t, C_t> + D u_t, gated by silu(z_t)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, d, length = u.shape
-    h = torch.zeros(batch, d, A.shape[1], dtype=u.dtype)
-    ys = []
-    for t in range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1) + (0 if D is None else D * u[:, :, t]))
-    y = torch.stack(ys, dim=-1)
-    return y if z is None else y * F.silu(z)
-
-
-def random_inputs(batch=2, d=5, n=4, length=37, dtype=torch.float64, seed=0, delta_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        u=torch.randn(batch, d, length, generator=g, dtype=dtype),
-        delta=torch.randn(batch, d, length, generator=g, dtype=dtype) * delta_scale,
-        A=-torch.rand(d, n, generator=g, dtype=dtype) * 4,
-        B=torch.randn(batch, n, length, generator=g, dtype=dtype),
-        C=torch.randn(batch, n, length, generator=g, dtype=dtype),
-        D=torch.randn(d, generator=g, dtype=dtype),
-        z=torch.randn(batch, d, length, generator=g, dtype=dtype),
-        delta_bias=torch.randn(d, generator=g, dtype=dtype),
-    )
+from recbole_ssm.ops.selective_scan import chunked as selective_scan_module
+from recbole_ssm.ops.selective_scan import fused_recurrent, selective_scan, selective_scan_torch
+from recbole_ssm.ops.selective_scan.chunked import _decay
+from tests.selective_scan_reference import random_inputs, recurrence
 
 
 @pytest.mark.parametrize("length", [1, 2, 7, 37, 100])
@@ -125,14 +96,27 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(scan, tensors)
 
 
-def test_dispatch_on_cpu():
+def test_dispatch_on_cpu(monkeypatch):
     inputs = random_inputs(length=11)
-    auto = selective_scan(**inputs, delta_softplus=True)
-    torch.testing.assert_close(auto, recurrence(**inputs, delta_softplus=True), rtol=0, atol=1e-10)
+    expected = recurrence(**inputs, delta_softplus=True)
+    calls = []
+    monkeypatch.setattr(fused_recurrent, "_forward", _counting(fused_recurrent._forward, calls))
+    for backend, compiled in (("auto", True), ("numba", True), ("torch", False)):
+        calls.clear()
+        got = selective_scan(**inputs, delta_softplus=True, backend=backend)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+        assert bool(calls) == compiled, backend
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         selective_scan(**inputs, backend="cuda")
-    with pytest.raises(ValueError, match="auto, torch, cuda"):
+    with pytest.raises(ValueError, match="auto, torch, numba, cuda"):
         selective_scan(**inputs, backend="triton")
+
+
+def _counting(function, calls):
+    def counted(*args):
+        calls.append(1)
+        return function(*args)
+    return counted
 
 
 @pytest.mark.parametrize("method,slice_elements", [

@@ -1,11 +1,7 @@
-"""The SSD scan of Mamba-2: a selective SSM with a scalar decay per head, computed by blocks.
+"""The SSD scan in pure PyTorch, by chunks of matrix products: the reference that the other
+implementations are tested against.
 
-Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured
-State Space Duality", ICML 2024. For each head, with state h_t (headdim, d_state):
-
-    h_t = exp(dt_t * A) h_{t-1} + dt_t * x_t B_t^T,        y_t = h_t C_t + D x_t,
-
-i.e. y = M x + D x with the semiseparable matrix M[t, s] = C_t . B_s * exp(sum_{r=s+1..t} dt_r A) * dt_s
+y = M x + D x with the semiseparable matrix M[t, s] = C_t . B_s * exp(sum_{r=s+1..t} dt_r A) * dt_s
 (s <= t). The chunked algorithm splits the sequence into chunks of ``chunk_size`` positions: inside a
 chunk M is materialised (quadratic, matrix products); between chunks the state is passed on by a
 recurrence over the chunks (a Python loop of one multiply-add per chunk, not per position).
@@ -17,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.backend import cuda_kernel
 
 
 def _mul(a, b, inplace):
@@ -26,7 +21,7 @@ def _mul(a, b, inplace):
     return a.mul_(b) if inplace else a * b
 
 
-def _check_shapes(x, dt, A, B, C, chunk_size):
+def check_shapes(x, dt, A, B, C, chunk_size):
     b, l, h, p = x.shape
     g = B.shape[2]
     if dt.shape != (b, l, h) or A.shape != (h,):
@@ -49,7 +44,7 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, initial_states=None, retu
     Computes in float32 at least (float64 stays float64). Returns y (b, l, h, p) in x's dtype, and with
     ``return_final_states`` also the state after the last position, (b, h, p, n) in the compute dtype.
     """
-    _check_shapes(x, dt, A, B, C, chunk_size)
+    check_shapes(x, dt, A, B, C, chunk_size)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g  # heads per group: head i = (group i // r, member i % r)
@@ -106,29 +101,4 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, initial_states=None, retu
         D = D.to(dtype)
         y = y.addcmul_(x.to(dtype), D.unsqueeze(-1) if D.dim() == 1 else D)
     y = y.to(x.dtype)
-    return (y, final_states) if return_final_states else y
-
-
-def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False, mask=None,
-             backend="auto"):
-    """The SSD scan, by mamba-ssm's fused kernel (``mamba_chunk_scan_combined``) or in pure PyTorch.
-
-    Arguments as in :func:`ssd_scan_torch`, plus ``mask`` (b, l) bool or None: True marks a real
-    position. Masked positions get dt = 0 and x = 0 (no state change, no contribution) and y = 0.
-    ``backend``: "auto", "torch" or "cuda" (see :mod:`recbole_ssm.ops.backend`).
-    """
-    if mask is not None:
-        x = x.masked_fill(~mask[..., None, None], 0)
-        dt = dt.masked_fill(~mask[..., None], 0)
-    kernel = cuda_kernel(backend, x, "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
-    if kernel is None:
-        out = ssd_scan_torch(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states,
-                             return_final_states=return_final_states)
-    else:
-        _check_shapes(x, dt, A, B, C, chunk_size)
-        out = kernel(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states,
-                     return_final_states=return_final_states)
-    y, final_states = out if return_final_states else (out, None)
-    if mask is not None:
-        y = y.masked_fill(~mask[..., None, None], 0)
     return (y, final_states) if return_final_states else y

@@ -1,13 +1,8 @@
-"""Mamba-1 selective scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
-Spaces", arXiv 2312.00752), as a pure-PyTorch chunked scan and behind the mamba-ssm kernel.
+"""The selective scan in pure PyTorch: the reference that the compiled and CUDA kernels are tested
+against, and the fallback where neither loads.
 
-For every channel d and state n the recurrence is
-
-    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,     y_t = <h_t, C_t> + D * u_t,
-
-with an optional output gate y_t * silu(z_t).
-
-The pure-PyTorch path is a two-level scan. The sequence is cut into chunks of T steps; first the
+Without gradients it runs the recurrence in place, one position at a time. For training it is a
+two-level scan. The sequence is cut into chunks of T steps; first the
 recurrence runs over the T positions of a chunk for all chunks at once, each chunk starting from a
 zero state; then the chunk-end states are carried across chunks, and each position adds the carried
 state, decayed to it, to its output. With T = ceil(sqrt(length)) that is about 3 * sqrt(length)
@@ -22,50 +17,40 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.backend import cuda_kernel
 
 # Elements of the per-step state (rows x d x chunks x n) that one slice of the batch may hold.
 CACHE_SLICE_ELEMENTS = 1 << 20
 METHODS = ("auto", "chunked", "recurrent")
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   backend="auto", chunk_size=None):
-    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature and layout.
-
-    u, delta, z: (batch, d, length); A: (d, n); B, C: (batch, n, length); D, delta_bias: (d,).
-    Returns y: (batch, d, length) in u's dtype. ``chunk_size`` (pure-PyTorch chunked scan only)
-    defaults to ceil(sqrt(length)).
-    """
-    fused = cuda_kernel(backend, u, "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
-    if fused is not None:
-        return fused(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
-
-
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         chunk_size=None, method="auto"):
-    """Pure-PyTorch selective scan; same arguments as :func:`selective_scan`, plus ``method``:
-    "chunked", "recurrent", or "auto" (recurrent when no gradient is needed, else chunked)."""
+                         initial_state=None, return_last_state=False, chunk_size=None, method="auto"):
+    """Pure-PyTorch selective scan; arguments as :func:`recbole_ssm.ops.selective_scan.selective_scan`,
+    plus ``chunk_size`` (of the chunked scan; default ceil(sqrt(length))) and ``method``: "chunked",
+    "recurrent", or "auto" (recurrent when no gradient is needed, else chunked)."""
     if method not in METHODS:
         raise ValueError(f"unknown scan method {method!r}; choose one of {', '.join(METHODS)}")
-    differentiable = needs_grad(u, delta, A, B, C, delta_bias)
+    differentiable = needs_grad(u, delta, A, B, C, delta_bias, initial_state)
     out_dtype = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)  # at least float32, float64 stays float64
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if initial_state is None:
+        initial_state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    initial_state = initial_state.to(dtype)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     if method == "recurrent" or (method == "auto" and not differentiable):
-        y = _in_slices(_recurrent_scan, 1, u, delta, A, B, C)
+        y, last_state = _in_slices(_recurrent_scan, 1, u, delta, A, B, C, initial_state)
     else:
-        y = _chunked_scan(u, delta, A, B, C, chunk_size)
+        y, last_state = _chunked_scan(u, delta, A, B, C, initial_state, chunk_size)
     if D is not None:
         y = y + u * D.to(dtype)[:, None]
     if z is not None:
         y = y * F.silu(z.to(dtype))
-    return y.to(out_dtype)
+    y = y.to(out_dtype)
+    return (y, last_state) if return_last_state else y
 
 
 def _decay(exponent):
@@ -83,23 +68,24 @@ def _decay(exponent):
     return torch.exp(exponent.clamp(min=0.5 * math.log(torch.finfo(exponent.dtype).tiny)))
 
 
-def _in_slices(scan, chunks, u, delta, A, B, C, *args):
-    """``scan`` over slices of the batch whose (rows, d, chunks, n) state stays in cache."""
+def _in_slices(scan, chunks, u, delta, A, B, C, initial, *args):
+    """``scan`` over slices of the batch whose (rows, d, chunks, n) state stays in cache; returns
+    (y, last_state), each concatenated over the slices."""
     batch, d, _ = u.shape
     rows = max(1, CACHE_SLICE_ELEMENTS // (d * chunks * A.shape[1]))
     if rows >= batch:
-        return scan(u, delta, A, B, C, *args)
-    return torch.cat([
-        scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], *args)
-        for i in range(0, batch, rows)
-    ])
+        return scan(u, delta, A, B, C, initial, *args)
+    slices = [scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], initial[i:i + rows], *args)
+              for i in range(0, batch, rows)]
+    return tuple(torch.cat(parts) for parts in zip(*slices))
 
 
-def _recurrent_scan(u, delta, A, B, C):
-    """y_t = <h_t, C_t> by the recurrence, one in-place update per position: for inference only
-    (in-place updates leave autograd nothing to differentiate). Shapes as in :func:`selective_scan`."""
+def _recurrent_scan(u, delta, A, B, C, initial):
+    """(y, h_length): y_t = <h_t, C_t> by the recurrence, one in-place update per position, for
+    inference only (in-place updates leave autograd nothing to differentiate). Shapes as in
+    :func:`selective_scan_torch`; the state before the first position and the last one are (b, d, n)."""
     batch, d, length = u.shape
-    state = u.new_zeros(batch, d, A.shape[1])                            # (b, d, n)
+    state = initial.clone()                                             # (b, d, n)
     decay = torch.empty_like(state)
     # Time-major copies, so that every step reads and writes contiguous blocks.
     step_rate = delta.permute(2, 0, 1).unsqueeze(-1).contiguous()      # (l, b, d, 1)
@@ -111,30 +97,30 @@ def _recurrent_scan(u, delta, A, B, C):
         torch.mul(step_rate[t], A, out=decay)
         state.mul_(decay.exp_()).addcmul_(drive[t], B_t[t])
         torch.matmul(state, C_t[t], out=y[t])
-    return y.squeeze(-1).permute(1, 2, 0)                               # (b, d, l)
+    return y.squeeze(-1).permute(1, 2, 0), state                        # (b, d, l), (b, d, n)
 
 
-def _chunked_scan(u, delta, A, B, C, chunk_size):
+def _chunked_scan(u, delta, A, B, C, initial, chunk_size):
     """:func:`_two_level_scan` with ``chunk_size`` (default ceil(sqrt(length))), in cache-sized slices."""
     batch, d, length = u.shape
     if length == 0:
-        return u.new_zeros(batch, d, 0)
+        return u.new_zeros(batch, d, 0), initial
     steps = chunk_size or math.isqrt(length - 1) + 1
     if steps < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunks = -(-length // steps)
     scan = _two_level_scan_recomputed if torch.is_grad_enabled() else _two_level_scan
-    return _in_slices(scan, chunks, u, delta, A, B, C, steps, chunks)
+    return _in_slices(scan, chunks, u, delta, A, B, C, initial, steps, chunks)
 
 
-def _two_level_scan_recomputed(u, delta, A, B, C, steps, chunks):
+def _two_level_scan_recomputed(u, delta, A, B, C, initial, steps, chunks):
     """:func:`_two_level_scan` that keeps only its inputs for the backward pass and recomputes."""
-    return checkpoint(_two_level_scan, u, delta, A, B, C, steps, chunks, use_reentrant=False)
+    return checkpoint(_two_level_scan, u, delta, A, B, C, initial, steps, chunks, use_reentrant=False)
 
 
-def _two_level_scan(u, delta, A, B, C, steps, chunks):
-    """y_t = <h_t, C_t> of the recurrence above, from h_0 = 0, with ``chunks`` chunks of ``steps``
-    positions. Shapes as in :func:`selective_scan`."""
+def _two_level_scan(u, delta, A, B, C, initial, steps, chunks):
+    """(y, h_length): y_t = <h_t, C_t> of the recurrence from the state ``initial`` (b, d, n), with
+    ``chunks`` chunks of ``steps`` positions. Shapes as in :func:`selective_scan_torch`."""
     batch, d, length = u.shape
     pad = chunks * steps - length  # padded steps have delta = 0: the identity map, no output used
 
@@ -159,7 +145,7 @@ def _two_level_scan(u, delta, A, B, C, steps, chunks):
 
     # 2. Carry the chunk-end states across chunks: carried[c] is the true state before chunk c.
     chunk_decays = _decay(delta_s.sum(0).unsqueeze(-1) * A).unbind(1)   # chunks x (b, d, n)
-    carry = u.new_zeros(batch, d, A.shape[-1])
+    carry = initial
     carried = []
     for chunk_decay, chunk_state in zip(chunk_decays, state.unbind(1)):
         carried.append(carry)
@@ -172,4 +158,4 @@ def _two_level_scan(u, delta, A, B, C, steps, chunks):
         for local, decay, C_j in zip(local_out, delta_s.cumsum(0).unbind(0), C_steps)
     ]                                                                    # T x (b, chunks, d, 1)
     out = torch.cat(out, dim=-1).transpose(1, 2)                         # (b, d, chunks, T)
-    return out.flatten(-2)[..., :length]                                 # (b, d, length)
+    return out.flatten(-2)[..., :length], carry                         # (b, d, length), (b, d, n)

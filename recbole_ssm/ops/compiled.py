@@ -1,0 +1,191 @@
+"""What the compiled CPU kernels (Numba) share: their compiler options, the exponential and softplus
+they vectorise, and the threads they run on.
+
+Importing this module imports Numba; :mod:`recbole_ssm.ops.backend` imports it only when a CPU
+tensor first needs a compiled kernel, and the kernels compile on their first call for each dtype
+(cached on disk by Numba: next to the sources if that folder is writable, else in Numba's per-user
+cache folder, or ``NUMBA_CACHE_DIR``).
+
+Precision. LLVM vectorises a loop that calls ``math.exp`` only with Intel's SVML library, which the
+pip llvmlite does not ship; so float32 kernels use :func:`exp32`, a polynomial that vectorises. The
+kernels are compiled with ``reassoc`` (so that sums over the state vectorise), and under
+reassociation LLVM folds a Cody-Waite argument reduction ``(x - k*LN2_HI) - k*LN2_LO`` into
+``x - k*(LN2_HI + LN2_LO)``, which rounds the split ln 2 back to float32 (relative error 3e-7 instead
+of 8e-8). :func:`exp32` therefore reduces with two fused multiply-adds, which reassociation does not
+touch; ``tests/ops/test_compiled.py`` bounds its error inside a kernel compiled with :data:`FASTMATH`.
+float64 kernels call ``math.exp`` and ``math.log1p``: they are the reference, not the fast path.
+"""
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+# reassoc lets LLVM vectorise sums; contract fuses multiply-adds. Neither changes a result by more
+# than rounding; no flag assumes away inf, nan or signed zeros.
+FASTMATH = {"reassoc", "contract"}
+JIT_OPTIONS = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+
+_F = np.float32
+_LOG2E = _F(1.4426950408889634)
+_LN2_HI = _F(0.693359375)        # 9 significant bits: k * _LN2_HI is exact for |k| < 2**15
+_LN2_LO = _F(-2.12194440e-4)     # ln 2 - _LN2_HI
+_X_MIN, _X_MAX = _F(-88.0), _F(89.0)
+_K_MIN, _K_MAX = _F(-127.0), _F(128.0)
+_HALF, _ONE, _TWO, _ZERO = _F(0.5), _F(1.0), _F(2.0), _F(0.0)
+# Taylor coefficients 1/k! of exp on |r| <= ln(2)/2 (truncation error below 5e-9).
+_E2, _E3, _E4, _E5, _E6, _E7 = (_F(1.0 / math.factorial(k)) for k in range(2, 8))
+# 1/(2k+1) of log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...), s = e / (2 + e) <= 1/3.
+_L3, _L5, _L7, _L9, _L11, _L13 = (_F(1.0 / k) for k in (3, 5, 7, 9, 11, 13))
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (LLVM's fma intrinsic, which reassociation leaves alone)."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return a(a, a, a), codegen
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+def exp32(x):
+    """exp(x) for the kernels (typed by Numba; Python callers get math.exp). In float32: relative
+    error below 1e-7 for x in [-87.3, 88.3]; 0 below -87.7 (never a slow subnormal) and inf above 88.4
+    (exp(x) > 2.4e38)."""
+    return math.exp(x)
+
+
+@overload(exp32, inline="always")
+def _exp32(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def impl(x):
+        x = min(max(x, _X_MIN), _X_MAX)                # keeps nan; -inf and inf give 0 and inf
+        k = np.floor(x * _LOG2E + _HALF)
+        r = _fma(-k, _LN2_LO, _fma(-k, _LN2_HI, x))   # x - k ln 2, |r| <= 0.347
+        p = _ONE + r * (_ONE + r * (_E2 + r * (_E3 + r * (_E4 + r * (_E5 + r * (_E6 + r * _E7))))))
+        # 2**k from its exponent bits, k clamped to [-127, 128]: 2**-127 reads as 0 and 2**128 as inf.
+        k = min(max(k, _K_MIN), _K_MAX)
+        return p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+    return impl
+
+
+# 2**f = 1 + f * (P1 + f * (P2 + ...)) on |f| <= 1/2: a degree-6 least-relative-error fit (2e-9).
+_P1, _P2, _P3, _P4, _P5, _P6 = (_F(c) for c in (0.6931472028563753, 0.24022647913441988, 0.05550332469052399,
+                                                0.009618437370212733, 0.0013398875069152195, 0.000153533600877713))
+
+
+def decay(x):
+    """exp(x) for the decays exp(delta * A) of the scans' inner loops (typed by Numba; Python callers
+    get math.exp). In float32 it is 2**(x log2 e), as mamba-ssm's CUDA scan computes it: 14 operations
+    instead of :func:`exp32`'s 19 (20% faster), with a relative error below 1.5e-7 + 1e-7 |x| (the
+    rounding of x log2 e), so an absolute error below 1.5e-7 exp(x) + 4e-8 where x <= 0; 0 below
+    x = -88 (never a slow subnormal)."""
+    return math.exp(x)
+
+
+@overload(decay, inline="always")
+def _decay(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def impl(x):
+        x2 = max(x * _LOG2E, _K_MIN)                   # keeps nan; -inf gives 2**-127, read as 0
+        k = np.rint(x2)
+        f = x2 - k                                     # exact, |f| <= 1/2
+        p = _ONE + f * (_P1 + f * (_P2 + f * (_P3 + f * (_P4 + f * (_P5 + f * _P6)))))
+        return p * _float32_from_bits((np.int32(min(k, _K_MAX)) + np.int32(127)) << np.int32(23))
+    return impl
+
+
+def softplus(x):
+    """log(1 + exp(x)) for the kernels; float32 vectorises, float64 calls libm."""
+    return math.log1p(math.exp(x)) if x < 20 else x
+
+
+@overload(softplus, inline="always")
+def _softplus(x):
+    if x != types.float32:
+        return lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+    def impl(x):
+        e = exp32(-abs(x))                       # in (0, 1]
+        s = e / (_TWO + e)                       # log1p(e) = 2 atanh(s), s <= 1/3
+        s2 = s * s
+        log1p_e = _TWO * s * (_ONE + s2 * (_L3 + s2 * (_L5 + s2 * (_L7 + s2 * (_L9 + s2 * (_L11 + s2 * _L13))))))
+        return max(x, _ZERO) + log1p_e
+    return impl
+
+
+@njit(**JIT_OPTIONS)
+def exp_in_kernel(x, out):
+    """out[i] = exp32(x[i]), compiled with the kernels' options (tests bound its error with it)."""
+    for i in range(x.shape[0]):
+        out[i] = exp32(x[i])
+
+
+@njit(**JIT_OPTIONS)
+def decay_in_kernel(x, out):
+    """out[i] = decay(x[i]), compiled with the kernels' options."""
+    for i in range(x.shape[0]):
+        out[i] = decay(x[i])
+
+
+@njit(**JIT_OPTIONS)
+def softplus_in_kernel(x, out):
+    """out[i] = softplus(x[i]), compiled with the kernels' options."""
+    for i in range(x.shape[0]):
+        out[i] = softplus(x[i])
+
+
+# Threads. The kernels release the GIL (nogil), so plain Python threads run them in parallel; Numba's
+# own threading layers are not used, so nothing competes with torch's OpenMP pool (which is idle
+# while a kernel runs: its caller waits) and nothing breaks in a forked process.
+_pool_lock = threading.Lock()
+_pool = None          # (pid, ThreadPoolExecutor), recreated after a fork or a change of size
+
+
+def _executor(workers):
+    global _pool
+    with _pool_lock:
+        pid = os.getpid()
+        if _pool is None or _pool[0] != pid or _pool[1]._max_workers != workers:
+            if _pool is not None and _pool[0] == pid:
+                _pool[1].shutdown(wait=False)
+            _pool = (pid, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recbole-ssm"))
+        return _pool[1]
+
+
+def split(count, parts):
+    """``parts`` (at most ``count``) contiguous, near-equal ranges covering range(count), as (start, stop)."""
+    parts = max(1, min(parts, count))
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run_parts(work, ranges):
+    """``work(start, stop)`` for each range, on torch's number of threads (``torch.get_num_threads()``);
+    the calling thread runs the first range. Returns the results in order."""
+    if len(ranges) == 1:
+        return [work(*ranges[0])]
+    pool = _executor(len(ranges) - 1)
+    futures = [pool.submit(work, *r) for r in ranges[1:]]
+    first = work(*ranges[0])
+    return [first] + [f.result() for f in futures]
+
+
+def threads():
+    """The number of threads the kernels may use: torch's intra-op setting."""
+    return torch.get_num_threads()
