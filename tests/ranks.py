@@ -5,6 +5,7 @@ for the whole test session), so that they start as a user's processes would.
 """
 import os
 import socket
+import threading
 import time
 import zipfile
 
@@ -12,6 +13,7 @@ import recbole
 import torch
 
 import recbole_ssm  # noqa: F401  (the compat fixes, in each spawned process)
+from recbole_ssm.ops.selective_scan import selective_scan
 from recbole.config import Config
 from recbole.data import create_dataset
 from recbole.data.dataset import dataset as dataset_module
@@ -66,10 +68,22 @@ def downloading_config(tmp_path, **layout):
                   config_dict={"data_path": str(tmp_path), **layout})
 
 
+def compiled_kernel_threads():
+    """Run the compiled (Numba) selective scan on a batch that it splits over its threads; the
+    number of threads it ran on: this one and those of its pool."""
+    batch, d_inner, d_state, length = 16, 4, 2, 3
+    scan_input = torch.randn(batch, d_inner, length)
+    selective_scan(scan_input, torch.rand(batch, d_inner, length), -torch.rand(d_inner, d_state),
+                   torch.randn(batch, d_state, length), torch.randn(batch, d_state, length),
+                   backend="numba")
+    return 1 + sum(thread.name.startswith("recbole-ssm") for thread in threading.enumerate())
+
+
 def write_threads_and_time(rank, port, tmp_path):
-    """Join as RecBole's Config does; write this process's torch threads and the trainer's time stamp."""
+    """Join as RecBole's Config does; write this process's torch threads, the threads the compiled
+    kernels ran on, and the trainer's time stamp."""
     Config(model="Mamba2Rec", dataset="ml-100k", config_dict=rank_layout(rank, port))
-    threads = torch.get_num_threads()
+    threads = f"{torch.get_num_threads()} {compiled_kernel_threads()}"
     time.sleep(1.5 * rank)  # rank 1 asks its clock more than a second later
     (tmp_path / f"rank{rank}").write_text(f"{threads} {trainer_module.get_local_time()}")
 

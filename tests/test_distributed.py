@@ -201,13 +201,14 @@ def test_backend_choice():
 
 
 def test_rank_processes_share_cores_and_time_stamp(tmp_path, monkeypatch):
-    """Without OMP_NUM_THREADS each of 2 CPU processes takes half the cores, not all of them; the
-    trainer names the checkpoint after get_local_time(), and each rank gets rank 0's."""
+    """Without OMP_NUM_THREADS each of 2 CPU processes takes half the cores, not all of them, in
+    PyTorch and in the compiled (Numba) kernels, which run in spawned processes; the trainer names
+    the checkpoint after get_local_time(), and each rank gets rank 0's."""
     monkeypatch.delenv("OMP_NUM_THREADS")
     half = max(1, len(os.sched_getaffinity(0)) // 2)
-    (threads0, time0), (threads1, time1) = (
-        written.split(" ", 1) for written in run_ranks(ranks.write_threads_and_time, tmp_path))
-    assert int(threads0) == int(threads1) == half
+    (torch0, kernels0, time0), (torch1, kernels1, time1) = (
+        written.split(" ", 2) for written in run_ranks(ranks.write_threads_and_time, tmp_path))
+    assert [int(torch0), int(kernels0), int(torch1), int(kernels1)] == [half] * 4
     assert time0 == time1
 
 
