@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny RecBole configurations and one real ml-100k load per test session."""
+"""Shared fixtures: tiny RecBole configurations and one real ml-100k load per test session; helpers
+for runs of the run_recbole console script."""
+import ast
 import copy
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -8,7 +12,8 @@ import torch
 import recbole_ssm  # noqa: F401  (registers our models and applies the compat fixes)
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import get_model
+from recbole.quick_start import load_data_and_model
+from recbole.utils import get_model, get_trainer
 
 MODELS = ("Mamba4Rec", "Mamba2Rec", "Hydra4Rec")
 
@@ -29,6 +34,25 @@ TINY = {
     "show_progress": False,
     "seed": 2024,
 }
+
+RUN_RECBOLE = os.path.join(os.path.dirname(sys.executable), "run_recbole")
+
+
+def logged_result(output, label):
+    """The metrics RecBole logged as ``label: OrderedDict(...)`` or ``label: {...}`` ("test result",
+    "best valid"), as a dict."""
+    match = re.search(rf"{label}\s*: (?:OrderedDict\((.*)\)|(\{{.*\}}))", output)
+    assert match, f"no {label!r} in the output:\n{output[-3000:]}"
+    return dict(ast.literal_eval(match.group(1) or match.group(2)))
+
+
+def evaluate_checkpoint(checkpoint):
+    """(dataset, valid result, test result) of a RecBole checkpoint, reloaded and evaluated here."""
+    config, model, dataset, _, valid_data, test_data = load_data_and_model(checkpoint)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    valid_result, test_result = (trainer.evaluate(data, load_best_model=False, show_progress=False)
+                                 for data in (valid_data, test_data))
+    return dataset, valid_result, test_result
 
 
 @pytest.fixture(scope="session")
