@@ -20,6 +20,11 @@ def inverse_softplus(x):
     return x + torch.log(-torch.expm1(-x))
 
 
+def at_least_float32(tensor):
+    """``tensor`` in float32, or in its own dtype when that is wider (float64 stays float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def sample_time_steps(size, dt_min, dt_max, dt_floor):
     """Step sizes drawn log-uniformly in [dt_min, dt_max], clamped below at dt_floor (mamba-ssm's init)."""
     dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -32,6 +37,8 @@ class MambaBlock(nn.Module):
     forward(hidden_states (batch, length, d_model), mask (batch, length) bool or None)
         -> (batch, length, d_model). The block is causal; ``mask`` (True on real items) zeroes
         padded inputs, which for right-padded sequences never reach a real position anyway.
+        A_log, D and the dt bias enter the scan in float32 at least, as mamba-ssm's kernel wants them;
+        a float64 block computes everything in float64.
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
@@ -66,9 +73,9 @@ class MambaBlock(nn.Module):
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)     # (b, l, r), (b, l, n), (b, l, n)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)      # (b, d_inner, l), bias in the scan
+        A = -torch.exp(at_least_float32(self.A_log))                # (d_inner, d_state)
         y = selective_scan(
-            x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-            self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            backend=self.backend,
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), at_least_float32(self.D), z=z,
+            delta_bias=at_least_float32(self.dt_proj.bias), delta_softplus=True, backend=self.backend,
         )                                                           # (b, d_inner, l)
         return self.out_proj(y.transpose(1, 2))
