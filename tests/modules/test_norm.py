@@ -44,3 +44,19 @@ def test_half_precision_input_is_computed_in_float32():
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="group_size"):
         RMSNormGated(10, group_size=4)
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("gated", [True, False])
+def test_gradcheck(group_size, norm_before_gate, gated):
+    """Gradients with respect to x, z and the weight."""
+    generator = torch.Generator().manual_seed(0)
+    norm = RMSNormGated(6, group_size=group_size, norm_before_gate=norm_before_gate).double()
+    x, z, weight = (torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+                    for shape in ((2, 3, 6), (2, 3, 6), (6,)))
+
+    def normalise(x, weight, z=None):
+        return torch.func.functional_call(norm, {"weight": weight}, (x, z))
+
+    assert torch.autograd.gradcheck(normalise, (x, weight, z) if gated else (x, weight))
