@@ -1,5 +1,6 @@
 """Shared fixtures: tiny RecBole configurations and one real ml-100k load per test session."""
 import os
+import re
 
 import pytest
 import torch
@@ -7,8 +8,10 @@ import torch
 import recbole_ssm  # noqa: F401  (registers our models and applies the compat fixes)
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
+from recbole_ssm.ops.backend import BACKENDS
 
 MODELS = ("Mamba4Rec", "Mamba2Rec", "Hydra4Rec")
+CPU_BACKENDS = tuple(backend for backend in BACKENDS if backend != "cuda")
 
 # One intra-op thread, here and in the subprocesses the tests start: the tiny models gain nothing from
 # a second thread, and when the cores are shared with anything else, OpenMP's spinning threads make
@@ -27,6 +30,31 @@ TINY = {
     "show_progress": False,
     "seed": 2024,
 }
+
+
+def logged_test_result(output):
+    """{metric: value} of the "test result" line that RecBole logs: ``test result:
+    OrderedDict([('hit@10', 0.05), ...])``, where NumPy 2 writes ``np.float64(0.05)``."""
+    output = re.sub(r"\x1b\[[0-9;]*m", "", output)  # colour codes, where RecBole writes them
+    line = re.search(r"test result: OrderedDict\(\[(.*)\]\)", output)
+    assert line, f"no test result in the output:\n{output[-3000:]}"
+    pairs = re.findall(r"\('([^']+)', (?:np\.float64\()?([-+.\deE]+)", line.group(1))
+    return {metric: float(value) for metric, value in pairs}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_working_folder(tmp_path_factory):
+    """RecBole writes log/, log_tensorboard/ and saved/ into the working directory: fixtures shared by
+    several tests run in a folder of the session's, so nothing is written into the repository."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("work"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def working_folder(tmp_path, monkeypatch):
+    """Each test runs in its own folder (its tmp_path), for the same reason."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")
