@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.modules.mamba import MambaBlock
-from recbole_ssm.ops.backend import BACKENDS
+from tests.conftest import CPU_BACKENDS
 from tests.ssd_reference import assert_gradients_match, perturbed
 
-CPU_BACKENDS = [backend for backend in BACKENDS if backend != "cuda"]
 # A per channel and state, D per channel, the step size bias per channel: all differ from their
 # initial values (where every channel has the same A and D = 1), so a mix-up of channels shows.
 SSM_PARAMETERS = ("A_log", "D", "dt_proj.bias", "conv1d.bias")
