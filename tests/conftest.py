@@ -34,11 +34,12 @@ TINY = {
 
 def logged_test_result(output):
     """{metric: value} of the "test result" line that RecBole logs: ``test result:
-    OrderedDict([('hit@10', 0.05), ...])``, where NumPy 2 writes ``np.float64(0.05)``."""
+    OrderedDict([('hit@10', 0.05), ...])``, ``OrderedDict({'hit@10': 0.05, ...})`` from Python 3.12
+    on, and ``np.float64(0.05)`` for 0.05 with NumPy 2."""
     output = re.sub(r"\x1b\[[0-9;]*m", "", output)  # colour codes, where RecBole writes them
-    line = re.search(r"test result: OrderedDict\(\[(.*)\]\)", output)
+    line = re.search(r"test result: OrderedDict\((.*)\)", output)
     assert line, f"no test result in the output:\n{output[-3000:]}"
-    pairs = re.findall(r"\('([^']+)', (?:np\.float64\()?([-+.\deE]+)", line.group(1))
+    pairs = re.findall(r"'([^']+)'(?:, |: )(?:np\.float64\()?([-+.\deE]+)", line.group(1))
     return {metric: float(value) for metric, value in pairs}
 
 
