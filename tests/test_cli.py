@@ -1,5 +1,6 @@
 """The run_recbole console script, and our models through RecBole's API, end to end on RecBole's
-bundled ml-100k. Each of our models must beat RecBole's Pop (popularity ranking) on the same split."""
+bundled ml-100k. Each of our models must beat RecBole's Pop (popularity ranking) on the same split,
+by a margin that a model blind to the history does not reach."""
 import os
 import subprocess
 import sys
@@ -17,30 +18,38 @@ RUN_RECBOLE = os.path.join(os.path.dirname(sys.executable), "run_recbole")
 
 # ml-100k's users with fewer than 100 ratings (579 of 943, 25k ratings), three epochs of batches of
 # 256: seconds per epoch. After one epoch (these settings, or all users with batches of 1024) the tiny
-# models were not reliably above Pop, some below it; after three, each model's HR@10 and NDCG@10 were
-# 1.3 to 1.7 times Pop's (seeds 1, 7, 42, 2024).
+# models were not reliably above Pop, some below it.
 BEATS_POPULARITY = {"user_inter_num_interval": "[0,100)", "epochs": 3, "train_batch_size": 256,
                     "learning_rate": 0.005}
 # What RecBole sets for sequential models (quick_start_config/sequential.yaml), for Pop, a general
 # model: the same split (each user's last item is the test target, the one before it the validation
 # target) and the same full ranking, over all items, the user's history included. (With history
-# excluded, RecBole's default for general models, Pop's HR@10 / NDCG@10 here rise from 0.057 / 0.027
-# to 0.088 / 0.044, about what our models reach after three epochs.)
+# excluded, RecBole's default for general models, Pop's HR@10 / NDCG@10 here rise from 0.059 / 0.024
+# to 0.093 / 0.045, about what our models reach after three epochs.)
 SEQUENTIAL_EVALUATION = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full",
                                        "group_by": "user"}, "repeatable": True}
+# RecBole's Pop counts an item once per batch however often it occurs there: in batches of 256 its
+# counts of popular items fall short, and its HR@10 varied from 0.052 to 0.055 with the seed. In
+# batches of 16 the counts are all but exact (HR@10 0.0587 with every seed, as with batches of 1).
+# Like our models, Pop is given no sampled negatives, which it would count as well.
+POP_TRAINING = {"train_batch_size": 16, "train_neg_sample_args": None}
+# How far above Pop our models must be, on HR@10 and NDCG@10. Measured with seeds 1, 7, 42, 2024:
+# ours 1.32 to 1.65 times Pop's HR@10 and 1.46 to 1.80 times its NDCG@10; a model that ignores the
+# history (a learned popularity ranking: the embedded sequence zeroed) 0.91 to 1.00, and 1.04 to 1.15.
+MARGIN = 1.2
 
 
 @pytest.fixture(scope="module")
 def popularity(tiny_settings):
     """RecBole's Pop, trained and tested on the split and users that our models get, ranking as they do."""
-    config = {**tiny_settings, **BEATS_POPULARITY, **SEQUENTIAL_EVALUATION}
+    config = {**tiny_settings, **BEATS_POPULARITY, **SEQUENTIAL_EVALUATION, **POP_TRAINING}
     return run_recbole(model="Pop", dataset="ml-100k", config_dict=config)["test_result"]
 
 
 def assert_beats_popularity(test_result, popularity):
     assert 0 < test_result["ndcg@10"] <= test_result["hit@10"] <= 1, test_result
     for metric in ("hit@10", "ndcg@10"):
-        assert test_result[metric] > popularity[metric], (metric, dict(test_result), dict(popularity))
+        assert test_result[metric] > MARGIN * popularity[metric], (metric, dict(test_result), dict(popularity))
 
 
 def test_flags_of_recboles_script():
