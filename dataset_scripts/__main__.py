@@ -1,10 +1,41 @@
 """Command line: ``python -m dataset_scripts {ml-1m,amazon2023} ...`` (see README.md)."""
 import argparse
+import signal
 import sys
+from contextlib import contextmanager
 
 from .amazon2023 import convert_amazon2023
 from .atomic import ConversionError, Progress
-from .movielens import convert_ml1m
+from .movielens import ML1M_ENCODINGS, convert_ml1m
+
+
+class Stopped(BaseException):
+    """A stop signal arrived; raised where the program is, so that partial output is removed on
+    the way out, as for Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals_raise():
+    """Within this block, SIGTERM and SIGHUP raise ``Stopped`` (unless they are ignored, as under
+    ``nohup``; then they stay ignored)."""
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            previous[number] = signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _positive_int(text):
@@ -48,11 +79,16 @@ def build_parser():
     )
     ml1m.add_argument("--input", required=True, metavar="RAW_DIR",
                       help="directory holding ratings.dat, movies.dat and users.dat")
+    ml1m.add_argument(
+        "--encoding", choices=ML1M_ENCODINGS, default=ML1M_ENCODINGS[0],
+        help="encoding of the .dat files (default: latin-1, as published); a file that starts with "
+        "a UTF-8 byte order mark is read as UTF-8 anyway",
+    )
     _add_common_options(ml1m)
     ml1m.set_defaults(
         run=lambda args, progress: convert_ml1m(
-            args.input, args.output, kcore=args.kcore,
-            skip_bad_lines=args.skip_bad_lines, progress=progress,
+            args.input, args.output, kcore=args.kcore, skip_bad_lines=args.skip_bad_lines,
+            progress=progress, encoding=args.encoding,
         )
     )
 
@@ -83,10 +119,12 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run the command line; returns the exit status (0 success, 1 conversion error)."""
+    """Run the command line; returns the exit status (0 success, 1 conversion error, 128 + the
+    signal's number when stopped by a signal)."""
     args = build_parser().parse_args(argv)
     try:
-        report = args.run(args, Progress(quiet=args.quiet))
+        with stop_signals_raise():
+            report = args.run(args, Progress(quiet=args.quiet))
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -94,8 +132,14 @@ def main(argv=None):
         print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
+        print("interrupted; no partial output left", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Stopped as stop:
+        print(f"stopped by {signal.Signals(stop.signum).name}; no partial output left",
+              file=sys.stderr)
+        return 128 + stop.signum
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(report.summary())
     return 0
 

@@ -17,15 +17,21 @@ from .atomic import (
     ConversionError,
     Field,
     Progress,
+    Repaired,
     as_float,
     as_token_seq,
     clean_text,
+    parse_id,
     parse_integer,
     parse_number,
     read_records,
+    unpaired_surrogate,
     write_feature_rows,
 )
 from .interactions import ConversionReport, InteractionLog
+
+ENCODING = "utf-8"  # JSON Lines are UTF-8
+RATING_RANGE = (1, 5)  # stars
 
 ITEM_FIELDS = (
     Field("item_id", "token"),
@@ -43,30 +49,15 @@ _PRICE = re.compile(r"\$?\s*(\d[\d,]*(?:\.\d+)?)")
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def load_json_object(raw):
+def load_json_object(text):
     """The JSON object on one line; ``BadLine`` for invalid JSON or a non-object."""
     try:
-        record = json.loads(raw.rstrip(b"\r\n"))
+        record = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadLine(f"invalid JSON ({err.msg}: column {err.colno})") from None
-    except ValueError as err:  # UnicodeDecodeError
-        raise BadLine(f"invalid JSON ({err})") from None
     if not isinstance(record, dict):
         raise BadLine("not a JSON object")
     return record
-
-
-def required_id(record, name):
-    """A non-empty string id field, cleaned; ``BadLine`` if missing."""
-    value = record.get(name)
-    if value is None:
-        raise BadLine(f"missing field {name!r}")
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BadLine(f"field {name!r} is not a string: {value!r}")
-    value = clean_text(value)
-    if not value:
-        raise BadLine(f"empty field {name!r}")
-    return value
 
 
 def optional(value):
@@ -95,33 +86,41 @@ def optional_number(value):
         return None
 
 
-def parse_review_line(raw):
+def parse_review_line(text):
     """One review -> (user, item, rating, timestamp in ms)."""
-    record = load_json_object(raw)
+    record = load_json_object(text)
     return (
-        required_id(record, "user_id"),
-        required_id(record, "parent_asin"),
-        float(parse_number(record.get("rating"), "rating")),
-        parse_integer(record.get("timestamp"), "timestamp"),
+        parse_id(record.get("user_id"), "user_id"),
+        parse_id(record.get("parent_asin"), "parent_asin"),
+        float(parse_number(record.get("rating"), "rating", *RATING_RANGE)),
+        parse_integer(record.get("timestamp"), "timestamp", minimum=0),
     )
 
 
-def parse_meta_line(raw):
-    """One meta record -> an ``.item`` row (see ``ITEM_FIELDS``)."""
-    record = load_json_object(raw)
+def parse_meta_line(text):
+    """One meta record -> an ``.item`` row (see ``ITEM_FIELDS``); ``Repaired`` when a text had
+    unpaired surrogates, which UTF-8 cannot encode (replaced by U+FFFD, never fatal)."""
+    record = load_json_object(text)
     categories = optional(record.get("categories")) or []
     if isinstance(categories, str):
         categories = [categories]
-    return (
-        required_id(record, "parent_asin"),
-        clean_text(optional(record.get("title"))),
-        clean_text(optional(record.get("store"))),
-        as_token_seq(c for c in categories if optional(c) is not None),
+    categories = [c for c in categories if optional(c) is not None]
+    texts = {name: optional(record.get(name)) for name in ("title", "store", "main_category")}
+    row = (
+        parse_id(record.get("parent_asin"), "parent_asin"),
+        clean_text(texts["title"]),
+        clean_text(texts["store"]),
+        as_token_seq(categories),
         as_float(parse_price(record.get("price"))),
-        clean_text(optional(record.get("main_category"))),
+        clean_text(texts["main_category"]),
         as_float(optional_number(record.get("average_rating"))),
         as_float(optional_number(record.get("rating_number"))),
     )
+    texts["categories"] = " ".join(map(str, categories))
+    damaged = [name for name, value in texts.items() if unpaired_surrogate(str(value))]
+    if damaged:
+        return Repaired(row, f"unpaired surrogates in {', '.join(damaged)} replaced by U+FFFD")
+    return row
 
 
 def convert_amazon2023(
@@ -140,27 +139,30 @@ def convert_amazon2023(
     policy = BadLinePolicy(skip=skip_bad_lines, progress=progress)
 
     log = InteractionLog(time_units_per_second=1000)
-    for user, item, rating, timestamp in read_records(reviews, parse_review_line, policy, progress):
+    for user, item, rating, timestamp in read_records(
+        reviews, parse_review_line, policy, progress, ENCODING
+    ):
         log.add(user, item, rating, timestamp)
     stats = log.finish(reviews, kcore=kcore)
 
     inter_name, item_name = f"{name}.inter", f"{name}.item"
-    repeated = {}
+    features = {}
     with AtomicOutput(
         os.path.join(output_dir, name), replaces=(inter_name, item_name, f"{name}.user")
     ) as output:
         rows = {inter_name: log.write(output, inter_name)}
         if meta is not None:
             items = output.open(item_name, ITEM_FIELDS)
-            repeated[meta] = write_feature_rows(
-                items, read_records(meta, parse_meta_line, policy, progress), log.has_item
+            features[meta] = write_feature_rows(
+                items, read_records(meta, parse_meta_line, policy, progress, ENCODING),
+                log.has_item, "items", stats.items,
             )
             rows[item_name] = items.rows
     return ConversionReport(
         directory=output.directory,
         rows=rows,
         stats=stats,
-        skipped_lines=dict(policy.skipped),
-        repeated_ids=repeated,
-        skip_bad_lines=skip_bad_lines,
+        policy=policy,
+        features=features,
+        stale_removed=output.stale_removed,
     )

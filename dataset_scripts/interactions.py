@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import ConversionError, Field, as_float
+from .atomic import BadLinePolicy, ConversionError, Field, as_float
 
 INTER_FIELDS = (
     Field("user_id", "token"),
@@ -37,14 +37,29 @@ class InteractionStats:
 
 @dataclass
 class ConversionReport:
-    """Outcome of one conversion: files written, interaction statistics, skipped lines."""
+    """Outcome of one conversion: files written, interaction statistics, what the policies did."""
 
     directory: str
     rows: dict  # file name -> rows written (header excluded)
     stats: InteractionStats
-    skipped_lines: dict  # input path -> malformed lines skipped (with --skip-bad-lines)
-    repeated_ids: dict = field(default_factory=dict)  # feature input path -> repeated ids dropped
-    skip_bad_lines: bool = False
+    policy: BadLinePolicy  # skipped and repaired lines per input path
+    features: dict = field(default_factory=dict)  # feature input path -> FeatureStats
+    stale_removed: list = field(default_factory=list)  # temporary files of killed runs, removed
+
+    @property
+    def skipped_lines(self):
+        """Input path -> malformed lines skipped (with --skip-bad-lines)."""
+        return dict(self.policy.skipped)
+
+    @property
+    def warnings(self):
+        """What the user should know although the conversion succeeded."""
+        return [
+            f"{f.missing:,} of the {f.expected:,} {f.kind} of the written interactions have no "
+            f"line in {path}: they are written without features"
+            for path, f in self.features.items()
+            if f.missing
+        ]
 
     def summary(self):
         """Human-readable multi-line summary."""
@@ -61,13 +76,20 @@ class ConversionReport:
                 f"in {s.kcore_rounds} round(s)"
             )
         lines.append(f"interactions written: {s.written:,} ({s.users:,} users, {s.items:,} items)")
-        if self.skip_bad_lines:
-            lines += [f"bad lines skipped in {path}: {n:,}" for path, n in self.skipped_lines.items()]
+        if self.policy.skip:
+            lines += [f"bad lines skipped in {path}: {n:,}" for path, n in self.policy.skipped.items()]
         lines += [
-            f"repeated ids in {path}: {n:,} (first row kept)"
-            for path, n in self.repeated_ids.items()
-            if n
+            f"lines repaired in {path}: {n:,} (first: {self.policy.first_repair[path]})"
+            for path, n in self.policy.repaired.items()
         ]
+        for path, f in self.features.items():
+            if f.repeated:
+                lines.append(f"repeated ids in {path}: {f.repeated:,} (first row kept)")
+            if f.emptied:
+                lines.append(f"values that RecBole reads as missing (NA, null, ...) in {path}, "
+                             f"written empty: {f.emptied:,}")
+        if self.stale_removed:
+            lines.append(f"temporary files of interrupted earlier runs removed: {len(self.stale_removed)}")
         return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """MovieLens-1M (``ratings.dat``, ``movies.dat``, ``users.dat``) to RecBole atomic files.
 
-The ``.dat`` files are ``::``-separated; they are read as Latin-1 (``movies.dat`` has accented
-titles; the other two are ASCII, a subset) and written as UTF-8.
+The ``.dat`` files are ``::``-separated; they are read as Latin-1 by default (``movies.dat`` has
+accented titles; the other two are ASCII, a subset), or UTF-8, and written as UTF-8.
 """
 import os
 import re
@@ -24,6 +24,8 @@ from .interactions import ConversionReport, InteractionLog
 
 DATASET = "ml-1m"
 RATINGS, MOVIES, USERS = "ratings.dat", "movies.dat", "users.dat"
+ML1M_ENCODINGS = ("latin-1", "utf-8")  # the first is the published files' encoding
+RATING_RANGE = (1, 5)  # whole stars in the published data
 RATING_COLUMNS = ("UserID", "MovieID", "Rating", "Timestamp")
 MOVIE_COLUMNS = ("MovieID", "Title", "Genres")
 USER_COLUMNS = ("UserID", "Gender", "Age", "Occupation", "Zip-code")
@@ -43,24 +45,29 @@ USER_FIELDS = (
 )
 
 _YEAR = re.compile(r"\((\d{4})\)")
+_ID = re.compile(r"[0-9]+")
 
 
-def split_dat_line(raw, columns):
-    """The cleaned ``::``-separated values of one line; ``BadLine`` unless there are exactly
+def split_dat_line(text, columns):
+    """The ``::``-separated values of one line; ``BadLine`` unless there are exactly
     ``len(columns)`` of them."""
-    values = raw.decode("latin-1").rstrip("\r\n").split("::")
+    values = text.split("::")
     if len(values) != len(columns):
         raise BadLine(
             f"expected {len(columns)} '::'-separated fields ({'::'.join(columns)}), "
             f"found {len(values)}"
         )
-    return [clean_text(value) for value in values]
+    return values
 
 
-def _require(value, column):
+def parse_movielens_id(value, column):
+    """A MovieLens id: decimal digits, written without leading zeros (so that ``01`` in one file
+    and ``1`` in another are the same id); ``BadLine`` otherwise."""
     if not value:
         raise BadLine(f"empty {column}")
-    return value
+    if not _ID.fullmatch(value):
+        raise BadLine(f"{column} {value!r} is not a whole number")
+    return str(int(value))
 
 
 def split_title_year(title):
@@ -76,31 +83,33 @@ def split_title_year(title):
     return clean_text(title[: last.start()] + title[last.end() :]), last.group(1)
 
 
-def parse_rating_line(raw):
+def parse_rating_line(text):
     """``UserID::MovieID::Rating::Timestamp`` -> (user, item, rating, timestamp in seconds)."""
-    user, item, rating, timestamp = split_dat_line(raw, RATING_COLUMNS)
+    user, item, rating, timestamp = split_dat_line(text, RATING_COLUMNS)
     return (
-        _require(user, "UserID"),
-        _require(item, "MovieID"),
-        float(parse_number(rating, "Rating")),
-        parse_integer(timestamp, "Timestamp"),
+        parse_movielens_id(user, "UserID"),
+        parse_movielens_id(item, "MovieID"),
+        float(parse_number(rating, "Rating", *RATING_RANGE)),
+        parse_integer(timestamp, "Timestamp", minimum=0),
     )
 
 
-def parse_movie_line(raw):
+def parse_movie_line(text):
     """``MovieID::Title::Genres`` -> an ``.item`` row."""
-    item, title, genres = split_dat_line(raw, MOVIE_COLUMNS)
-    title, year = split_title_year(title)
-    return (_require(item, "MovieID"), title, year, as_token_seq(genres.split("|")))
+    item, title, genres = split_dat_line(text, MOVIE_COLUMNS)
+    title, year = split_title_year(clean_text(title))
+    return (parse_movielens_id(item, "MovieID"), title, year, as_token_seq(genres.split("|")))
 
 
-def parse_user_line(raw):
+def parse_user_line(text):
     """``UserID::Gender::Age::Occupation::Zip-code`` -> a ``.user`` row."""
-    user, gender, age, occupation, zip_code = split_dat_line(raw, USER_COLUMNS)
-    return (_require(user, "UserID"), age, gender, occupation, zip_code)
+    user, *features = split_dat_line(text, USER_COLUMNS)
+    gender, age, occupation, zip_code = (clean_text(value) for value in features)
+    return (parse_movielens_id(user, "UserID"), age, gender, occupation, zip_code)
 
 
-def convert_ml1m(input_dir, output_dir, kcore=None, skip_bad_lines=False, progress=None):
+def convert_ml1m(input_dir, output_dir, kcore=None, skip_bad_lines=False, progress=None,
+                 encoding=ML1M_ENCODINGS[0]):
     """Convert the MovieLens-1M files in ``input_dir`` into ``output_dir/ml-1m/ml-1m.{inter,
     item,user}``. Movies and users are written only if they have a written rating."""
     progress = progress or Progress()
@@ -112,33 +121,33 @@ def convert_ml1m(input_dir, output_dir, kcore=None, skip_bad_lines=False, progre
         raise ConversionError(f"input file not found: {', '.join(missing)}")
     policy = BadLinePolicy(skip=skip_bad_lines, progress=progress)
 
+    def records(name, parse_line):
+        return read_records(paths[name], parse_line, policy, progress, encoding)
+
     log = InteractionLog(time_units_per_second=1)
-    for user, item, rating, timestamp in read_records(
-        paths[RATINGS], parse_rating_line, policy, progress
-    ):
+    for user, item, rating, timestamp in records(RATINGS, parse_rating_line):
         log.add(user, item, rating, timestamp)
     stats = log.finish(paths[RATINGS], kcore=kcore)
 
     directory = os.path.join(output_dir, DATASET)
     names = {suffix: f"{DATASET}.{suffix}" for suffix in ("inter", "item", "user")}
-    repeated = {}
+    features = {}
     with AtomicOutput(directory, replaces=names.values()) as output:
         rows = {names["inter"]: log.write(output, names["inter"])}
-        items = output.open(names["item"], ITEM_FIELDS)
-        repeated[paths[MOVIES]] = write_feature_rows(
-            items, read_records(paths[MOVIES], parse_movie_line, policy, progress), log.has_item
-        )
-        users = output.open(names["user"], USER_FIELDS)
-        repeated[paths[USERS]] = write_feature_rows(
-            users, read_records(paths[USERS], parse_user_line, policy, progress), log.has_user
-        )
-        rows[names["item"]] = items.rows
-        rows[names["user"]] = users.rows
+        for suffix, fields, source, parse_line, wanted, kind, expected in (
+            ("item", ITEM_FIELDS, MOVIES, parse_movie_line, log.has_item, "movies", stats.items),
+            ("user", USER_FIELDS, USERS, parse_user_line, log.has_user, "users", stats.users),
+        ):
+            writer = output.open(names[suffix], fields)
+            features[paths[source]] = write_feature_rows(
+                writer, records(source, parse_line), wanted, kind, expected
+            )
+            rows[names[suffix]] = writer.rows
     return ConversionReport(
         directory=output.directory,
         rows=rows,
         stats=stats,
-        skipped_lines=dict(policy.skipped),
-        repeated_ids=repeated,
-        skip_bad_lines=skip_bad_lines,
+        policy=policy,
+        features=features,
+        stale_removed=output.stale_removed,
     )

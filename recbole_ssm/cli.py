@@ -9,6 +9,7 @@ import sys
 
 import recbole_ssm  # noqa: F401  (registers our models with RecBole)
 from recbole_ssm import registry
+from recbole_ssm.models.checks import RunCheckError
 
 
 def _spawned_run(rank, *args):
@@ -37,7 +38,7 @@ def build_parser():
 
 
 def check_model(name):
-    """Raise a ValueError naming our models when RecBole cannot find ``name``."""
+    """Raise a RunCheckError (a ValueError) naming our models when RecBole cannot find ``name``."""
     from recbole.utils import get_model
 
     try:
@@ -45,7 +46,7 @@ def check_model(name):
     except (ValueError, ImportError):
         # RecBole's lookup of an unknown name also imports its exlib models, which fail with
         # ImportError when lightgbm / xgboost are not installed.
-        raise ValueError(
+        raise RunCheckError(
             f"unknown model {name!r}: it is neither one of recbole-ssm's models "
             f"({', '.join(registry.model_names())}) nor a RecBole built-in model"
         ) from None
@@ -79,10 +80,10 @@ def main(argv=None):
     args, _ = build_parser().parse_known_args(sys.argv[1:])
     try:
         check_model(args.model)
-    except ValueError as error:
+        run(args)
+    except RunCheckError as error:  # a setting or dataset refused before any training
         print(f"run_recbole: error: {error}", file=sys.stderr)
         return 2
-    run(args)
     return 0
 
 

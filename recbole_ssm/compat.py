@@ -1,6 +1,6 @@
 """The fixes that let RecBole 1.2.1 run on today's Python, NumPy and PyTorch, in one place.
 
-:func:`apply` (called by ``import recbole_ssm``) makes seven targeted changes to RecBole, each one
+:func:`apply` (called by ``import recbole_ssm``) makes eight targeted changes to RecBole, each one
 covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
 
 1. NumPy 2: ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and friends; NumPy 2
@@ -12,9 +12,12 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
 3. PyTorch >= 2.6 loads checkpoints with ``weights_only=True``, which refuses RecBole's own
    checkpoints (they pickle the ``Config`` with protocol 4). RecBole's three loading sites
    (``Trainer.resume_checkpoint``, ``Trainer.evaluate`` and ``load_data_and_model``) now unpickle
-   with an allow-list: tensors, RecBole's config and enums, recommender classes, NumPy scalars.
-   Anything else, such as a pickled callable, is refused with :class:`UnsafeCheckpointError`.
-   ``weights_only`` stays the default for every other ``torch.load``.
+   with an allow-list: whatever ``weights_only=True`` accepts (torch's own list, such as tensors and
+   ``_codecs.encode`` for bytes in the default protocol 2, and ``torch.serialization.add_safe_globals``),
+   plus RecBole's config and enums, recommender classes, NumPy scalars and arrays. Anything else,
+   such as a pickled callable, is refused with :class:`UnsafeCheckpointError`; an empty, cut short or
+   damaged file with :class:`IncompleteCheckpointError`, naming it. ``weights_only`` stays the
+   default for every other ``torch.load``.
 4. ray 2.6.3's ``pkg_resources`` deprecation warning is silenced (setuptools < 81 is pinned where
    ray is installed, because setuptools 81 removed ``pkg_resources``).
 5. pandas 3 (copy-on-write): RecBole fills missing values with
@@ -29,16 +32,23 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``):
    again per element.
 7. pandas 3's read-only column arrays make PyTorch warn when RecBole turns a column into a tensor;
    that warning is silenced for RecBole's dataset code, which drops each frame once converted.
+8. Importing RecBole's sequential models (``recbole/model/sequential_recommender/sine.py``) calls
+   ``torch.autograd.set_detect_anomaly(True)`` for the whole process, which made every backward pass
+   check each gradient for NaN and record a traceback per operation (SASRec's training step took 1.6x
+   as long). The package is imported once here and autograd's anomaly mode put back as it was.
 """
 import contextlib
 import enum
 import functools
 import importlib
 import importlib.util
+import os
 import pickle
+import re
 import sys
 import types
 import warnings
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -50,16 +60,10 @@ NUMPY_ALIASES = {
     "object": "object_", "str": "str_", "long": "int_", "unicode": "str_",
 }
 
-# Globals a RecBole checkpoint may reference, besides RecBole enums and recommender classes.
+# Globals a RecBole checkpoint may reference besides what torch.load(weights_only=True) accepts,
+# RecBole enums and recommender classes.
 CHECKPOINT_GLOBALS = frozenset({
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
     ("builtins", "frozenset"),
-    ("torch", "device"),
-    ("torch", "Size"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
     ("numpy", "dtype"),
     ("numpy", "ndarray"),
     ("numpy.core.multiarray", "scalar"),
@@ -89,9 +93,22 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint references something that is not part of a RecBole checkpoint."""
 
 
+class IncompleteCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file that is empty, cut short or damaged."""
+
+
+def torch_safe_globals():
+    """The ``module.name`` globals that ``torch.load(weights_only=True)`` accepts: torch's own
+    allow-list and those added with ``torch.serialization.add_safe_globals`` (torch >= 2.4)."""
+    from torch import _weights_only_unpickler as weights_only
+
+    user_added = getattr(weights_only, "_get_user_allowed_globals", dict)
+    return weights_only._get_allowed_globals().keys() | user_added().keys()
+
+
 class _CheckpointUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in CHECKPOINT_GLOBALS:
+        if (module, name) in CHECKPOINT_GLOBALS or f"{module}.{name}" in torch_safe_globals():
             return super().find_class(module, name)
         if module == "recbole.utils.enum_type" or module.startswith(RECOMMENDER_MODULES):
             found = super().find_class(module, name)
@@ -101,7 +118,8 @@ class _CheckpointUnpickler(pickle.Unpickler):
             f"refusing to load this checkpoint: it references {module}.{name}, which is not part "
             "of a RecBole checkpoint (tensors, RecBole's Config and enums, recommender classes). "
             "A checkpoint can run arbitrary code when unpickled; if you trust this file, load it "
-            "yourself with torch.load(path, weights_only=False)."
+            "yourself with torch.load(path, weights_only=False), or mark that type safe with "
+            "torch.serialization.add_safe_globals."
         )
 
 
@@ -121,9 +139,50 @@ checkpoint_pickle = types.SimpleNamespace(
 
 
 def load_checkpoint(path, map_location=None):
-    """Load a RecBole checkpoint (``.pth`` written by RecBole's trainer) with the allow-list."""
-    return torch.load(path, map_location=map_location, weights_only=False,
-                      pickle_module=checkpoint_pickle)
+    """Load a RecBole checkpoint (``.pth`` written by RecBole's trainer) with the allow-list.
+
+    ``path``: a file name or an open binary file. A file that is empty, cut short or damaged (torch's
+    zip format carries a CRC-32 of each entry, checked here first) raises
+    :class:`IncompleteCheckpointError` naming it."""
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path)
+    damage = checkpoint_file_damage(path) if isinstance(path, (str, os.PathLike)) else None
+    if damage is None:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False,
+                              pickle_module=checkpoint_pickle)
+        except UnsafeCheckpointError:
+            raise
+        except (EOFError, pickle.UnpicklingError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not TRUNCATION_MESSAGES.search(str(error)):
+                raise  # not about the file, e.g. a device that map_location does not have
+            damage = f"its data breaks off or is damaged ({type(error).__name__}: {error})"
+    raise IncompleteCheckpointError(f"{name} is not a complete checkpoint: {damage}")
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip archive
+# torch.load's RuntimeErrors for a file cut short: in its zip reader, or in a legacy-format file.
+TRUNCATION_MESSAGES = re.compile(r"PytorchStreamReader failed|unexpected EOF")
+
+
+def checkpoint_file_damage(path):
+    """What makes the file ``path`` no whole checkpoint, seen without unpickling: empty, or a zip
+    archive cut short or with an entry failing its CRC-32; None when nothing is seen (a missing
+    file is left to torch.load's own error)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(ZIP_MAGIC))
+    except OSError:
+        return None
+    if not head:
+        return "the file is empty"
+    if head != ZIP_MAGIC:
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except zipfile.BadZipFile:
+        return "its zip archive is cut short or damaged"
+    return None if broken is None else f"its entry {broken} is damaged (CRC-32 mismatch)"
 
 
 @contextlib.contextmanager
@@ -281,6 +340,13 @@ def _apply_dataset_fixes():
         setattr(cls, method, _run_within(series_agg_len_per_element, cls.__dict__[method]))
 
 
+def _import_sequential_models_without_anomaly_mode():
+    """Import RecBole's sequential models, keeping autograd's anomaly mode as it was (fix 8)."""
+    anomaly_mode = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+    importlib.import_module("recbole.model.sequential_recommender")
+    torch.autograd.set_detect_anomaly(*anomaly_mode)
+
+
 def apply():
     """Apply the fixes above; idempotent."""
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -302,3 +368,4 @@ def apply():
     quick_start_module.load_data_and_model = quick_start.load_data_and_model = wrapped
 
     _apply_dataset_fixes()
+    _import_sequential_models_without_anomaly_mode()

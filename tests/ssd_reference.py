@@ -12,7 +12,8 @@ def heads(BC, h):
 def ssd_recurrence(x, dt, A, B, C, D=None, initial_states=None):
     """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T; y_t = h_t C_t + D x_t, one step at a time.
 
-    x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n). Returns y and the final state.
+    x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n); D: (h,), (h, p) or None. Returns y and the
+    final state.
     """
     b, l, h, p = x.shape
     B, C = heads(B, h), heads(C, h)
@@ -23,7 +24,7 @@ def ssd_recurrence(x, dt, A, B, C, D=None, initial_states=None):
         decay = torch.exp(dt[:, t] * A)[:, :, None, None]
         state = decay * state + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :]
         y = (state * C[:, t, :, None, :]).sum(-1)
-        ys.append(y if D is None else y + D[:, None] * x[:, t])
+        ys.append(y if D is None else y + D.reshape(h, -1) * x[:, t])  # D: (h,) or (h, p)
     return torch.stack(ys, dim=1), state
 
 

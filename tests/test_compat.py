@@ -1,9 +1,14 @@
 """The RecBole 1.2.1 compatibility fixes of recbole_ssm.compat."""
 import functools
+import io
 import os
 import pickle
+import pickletools
+import struct
 import subprocess
 import sys
+import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -135,17 +140,18 @@ class CallsRecBoleFunction:
         return xavier_normal_initialization, (None,)
 
 
+@pytest.mark.parametrize("protocol", [2, 4])  # torch.save's default, RecBole's
 @pytest.mark.parametrize("payload,named", [
     (lambda marker: RunsCommand(f"touch {marker}"), "system"),
     (lambda marker: CallsRecBoleFunction(), "recbole.model.init.xavier_normal_initialization"),
 ])
-def test_crafted_checkpoint_refused(tmp_path, trainer_and_checkpoint, ml100k, payload, named):
+def test_crafted_checkpoint_refused(tmp_path, trainer_and_checkpoint, ml100k, payload, named, protocol):
     trainer, checkpoint_file = trainer_and_checkpoint
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted.pth"
     checkpoint = compat.load_checkpoint(checkpoint_file)
     checkpoint["other_parameter"] = payload(marker)
-    torch.save(checkpoint, crafted, pickle_protocol=4)
+    torch.save(checkpoint, crafted, pickle_protocol=protocol)
     original_load = torch.load
     evaluate_best = functools.partial(trainer.evaluate, ml100k[3], True)  # load_best_model=True, model_file
     for load in (compat.load_checkpoint, load_data_and_model, trainer.resume_checkpoint, evaluate_best):
@@ -153,3 +159,116 @@ def test_crafted_checkpoint_refused(tmp_path, trainer_and_checkpoint, ml100k, pa
             load(str(crafted))
     assert not marker.exists()
     assert torch.load is original_load
+
+
+def test_recbole_models_leave_autograd_anomaly_mode_off():
+    """RecBole's sine.py turns on anomaly detection for the whole process when its sequential models
+    are imported; after ``import recbole_ssm`` the mode stays as it was, off or on."""
+    result = run_python(
+        "import torch\n"
+        "import recbole_ssm\n"
+        "from recbole.utils import get_model\n"
+        "import recbole.model.sequential_recommender.sine\n"
+        "get_model('SASRec')\n"
+        "assert not torch.is_anomaly_enabled()\n")
+    assert result.returncode == 0, result.stderr
+    result = run_python(
+        "import torch\n"
+        "torch.autograd.set_detect_anomaly(True)\n"
+        "import recbole_ssm\n"
+        "assert torch.is_anomaly_enabled()\n")
+    assert result.returncode == 0, result.stderr
+
+
+def pickle_globals(checkpoint_file):
+    """The ``module.name`` globals that the pickle inside a torch zip checkpoint references."""
+    with zipfile.ZipFile(checkpoint_file) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    found, strings = set(), []
+    for opcode, argument, _ in pickletools.genops(data):
+        if opcode.name == "GLOBAL":
+            found.add(argument.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL":
+            found.add(".".join(strings[-2:]))
+        if isinstance(argument, str):
+            strings.append(argument)
+    return found
+
+
+def test_checkpoint_saved_again_by_plain_torch_save_loads(tmp_path, trainer_and_checkpoint):
+    """torch.save's default protocol 2 pickles bytes through _codecs.encode, which torch's own
+    weights_only loader accepts; so does ours."""
+    trainer, checkpoint_file = trainer_and_checkpoint
+    again = tmp_path / "again.pth"
+    checkpoint = compat.load_checkpoint(checkpoint_file)
+    checkpoint["best_valid_score"] = np.float64(0.1234)  # as after a validation: a NumPy scalar
+    torch.save(checkpoint, again)
+    assert "_codecs.encode" in pickle_globals(again)  # the scalar's bytes
+    config, model, *_ = load_data_and_model(str(again))
+    assert compat.load_checkpoint(again)["best_valid_score"] == np.float64(0.1234)
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+
+
+@dataclass
+class Scale:
+    """A user type that torch.serialization.add_safe_globals can mark as safe."""
+
+    factor: float
+
+
+def test_globals_marked_safe_for_torch_are_accepted(tmp_path, trainer_and_checkpoint):
+    _, checkpoint_file = trainer_and_checkpoint
+    saved = tmp_path / "with_scale.pth"
+    checkpoint = compat.load_checkpoint(checkpoint_file)
+    checkpoint["other_parameter"] = Scale(0.5)
+    torch.save(checkpoint, saved)
+    with pytest.raises(compat.UnsafeCheckpointError, match=rf"references {Scale.__module__}\.Scale,"):
+        compat.load_checkpoint(saved)
+    with torch.serialization.safe_globals([Scale]):
+        assert compat.load_checkpoint(saved)["other_parameter"] == Scale(0.5)
+
+
+def cut_in_half(data):
+    return data[: len(data) // 2]
+
+
+def flip_a_weight_byte(data):
+    """One bit of the largest entry (the item embeddings) changed: it no longer matches its CRC-32."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    header = entry.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[header + 26:header + 30])
+    damaged = bytearray(data)
+    damaged[header + 30 + name_length + extra_length] ^= 0x01  # the entry's first data byte
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda data: b"", "the file is empty"),
+    (cut_in_half, "its zip archive is cut short or damaged"),
+    (flip_a_weight_byte, r"its entry .*/data/\d+ is damaged \(CRC-32 mismatch\)"),
+    (lambda data: b"not a checkpoint at all", "its data breaks off or is damaged"),
+])
+def test_incomplete_checkpoint_named(tmp_path, trainer_and_checkpoint, damage, reason):
+    trainer, checkpoint_file = trainer_and_checkpoint
+    broken = tmp_path / "broken.pth"
+    with open(checkpoint_file, "rb") as handle:
+        broken.write_bytes(damage(handle.read()))
+    before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+    for load in (compat.load_checkpoint, load_data_and_model, trainer.resume_checkpoint):
+        with pytest.raises(compat.IncompleteCheckpointError,
+                           match=f"^{broken} is not a complete checkpoint: {reason}"):
+            load(str(broken))
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+
+
+def test_legacy_format_cut_short(tmp_path):
+    """torch.save's format before the zip archive (``_use_new_zipfile_serialization=False``)."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"weight": torch.ones(100)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(cut_in_half(legacy.read_bytes()))
+    with pytest.raises(compat.IncompleteCheckpointError,
+                       match=f"^{legacy} is not a complete checkpoint: its data breaks off"):
+        compat.load_checkpoint(legacy)

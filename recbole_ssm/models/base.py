@@ -3,28 +3,33 @@ import torch
 import torch.nn as nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
-from recbole.utils import InputType, set_color
+from recbole.utils import set_color
 
+from recbole_ssm.models.checks import check_model_config
 from recbole_ssm.modules.layer import MixerLayer
-
-LOSS_TYPES = ("CE", "BPR")
 
 
 class SSMSequentialRecommender(SequentialRecommender):
     """item embedding -> dropout -> LayerNorm -> ``num_layers`` x (mixer + feed-forward) -> the
     representation at each user's last real item, scored against the whole item embedding table.
 
-    Subclasses name their block in ``mixer_class``, a module called as ``mixer(x, mask)`` with
-    x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real items, and built as
+    Subclasses name their block in ``mixer_class``, a module with a ``causal`` attribute, called as
+    ``mixer(x, mask)`` with x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real
+    items (None for a causal block), and built as
     ``mixer_class(d_model=hidden_size, backend=ssm_backend, **{key: config[key] for key in
-    mixer_config_keys})``.
+    mixer_config_keys})``; ``centred_conv``: whether the block's convolution is centred (odd
+    ``d_conv``) rather than causal. Every key read is checked first (:mod:`recbole_ssm.models.checks`).
+
+    No ``input_type``: as for RecBole's SASRec, RecBole derives it from ``loss_type`` (pointwise for CE,
+    pairwise for BPR, whose batches then carry a negative item).
     """
 
-    input_type = InputType.POINTWISE
     mixer_class = None
     mixer_config_keys = ()
+    centred_conv = False
 
     def __init__(self, config, dataset):
+        check_model_config(type(self), config)
         super().__init__(config, dataset)
         self.hidden_size = config["hidden_size"]
         self.num_layers = config["num_layers"]
@@ -42,10 +47,11 @@ class SSMSequentialRecommender(SequentialRecommender):
         )
         if self.loss_type == "BPR":
             self.loss_fct = BPRLoss()
-        elif self.loss_type == "CE":
-            self.loss_fct = nn.CrossEntropyLoss()
+            negatives = config["train_neg_sample_args"]
+            self.logger.info(f"BPR loss: {negatives['sample_num']} {negatives['distribution']} "
+                             "negative item(s) per positive (train_neg_sample_args)")
         else:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            self.loss_fct = nn.CrossEntropyLoss()
         self.apply(self._init_weights)
 
     def build_mixer(self, config):
@@ -65,13 +71,19 @@ class SSMSequentialRecommender(SequentialRecommender):
             module.bias.data.zero_()
 
     def forward(self, item_seq, item_seq_len):
-        """item_seq: (batch, length) right-padded with 0; item_seq_len: (batch,) -> (batch, hidden)."""
-        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
-        mask = positions < item_seq_len.unsqueeze(1)                # (b, l), True on real items
+        """item_seq: (batch, length) right-padded with 0; item_seq_len: (batch,) -> (batch, hidden), the
+        representation at each user's last real item.
+
+        A causal block never lets a position see later ones, so right padding cannot reach a real
+        item and needs no mask; a bidirectional one (Hydra) is given the mask of real items. The last
+        layer computes its position-wise part at the last real items only."""
+        mask = None
+        if not self.layers[0].mixer.causal:
+            mask = torch.arange(item_seq.shape[1], device=item_seq.device) < item_seq_len.unsqueeze(1)
         hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             hidden = layer(hidden, mask)
-        return self.gather_indexes(hidden, item_seq_len - 1)
+        return self.layers[-1](hidden, mask, positions=item_seq_len - 1)
 
     def calculate_loss(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

@@ -11,3 +11,4 @@ class Hydra4Rec(SSMSequentialRecommender):
 
     mixer_class = HydraBlock
     mixer_config_keys = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
+    centred_conv = True

@@ -20,7 +20,7 @@ class HydraBlock(SSDBlockBase):
                  backend="auto"):
         super().__init__(d_model, d_state, d_conv, expand, headdim, ngroups, chunk_size, backend,
                          directions=2, causal=False, A_init_range=(1, 1),
-                         norm_group_size=None, norm_before_gate=True)
+                         norm_groups=1, norm_before_gate=True)
         self.fc_D = nn.Linear(self.d_inner, self.nheads, bias=False)
 
     def forward(self, hidden_states, mask=None):

@@ -3,6 +3,7 @@
 As in Mamba4Rec (Liu et al. 2024, arXiv 2403.03900): mixer -> dropout -> LayerNorm, with a residual
 connection only when layers are stacked, then the SASRec-style feed-forward network.
 """
+import torch
 import torch.nn as nn
 
 
@@ -24,7 +25,11 @@ class FeedForward(nn.Module):
 
 
 class MixerLayer(nn.Module):
-    """mixer(x, mask) -> dropout -> (+ x if residual) -> LayerNorm -> FeedForward (4x inner size)."""
+    """mixer(x, mask) -> dropout -> (+ x if residual) -> LayerNorm -> FeedForward (4x inner size).
+
+    With ``positions`` (batch,), the output at those positions only, (batch, d_model): everything
+    after the mixer is position-wise, so it is computed there alone (a model that predicts from each
+    user's last item needs nothing else from its last layer)."""
 
     def __init__(self, mixer, d_model, dropout, residual, eps=1e-12):
         super().__init__()
@@ -34,8 +39,12 @@ class MixerLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
         self.ffn = FeedForward(d_model, 4 * d_model, dropout, eps)
 
-    def forward(self, x, mask=None):                                # (b, l, d_model), (b, l) bool
-        hidden = self.dropout(self.mixer(x, mask))
+    def forward(self, x, mask=None, positions=None):                # (b, l, d_model), (b, l) bool, (b,)
+        hidden = self.mixer(x, mask)
+        if positions is not None:
+            rows = torch.arange(len(positions), device=positions.device)
+            hidden, x = hidden[rows, positions], x[rows, positions]  # (b, d_model)
+        hidden = self.dropout(hidden)
         if self.residual:
             hidden = hidden + x
         return self.ffn(self.LayerNorm(hidden))

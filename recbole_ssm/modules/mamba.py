@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recbole_ssm.modules.arguments import check_positive_integers
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d
 from recbole_ssm.ops.selective_scan import selective_scan
@@ -41,9 +42,14 @@ class MambaBlock(nn.Module):
         a float64 block computes everything in float64.
     """
 
+    causal = True
+
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_init_floor=1e-4, conv_bias=True, bias=False, backend="auto"):
         super().__init__()
+        check_positive_integers(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        if dt_rank != "auto":
+            check_positive_integers(dt_rank=dt_rank)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank

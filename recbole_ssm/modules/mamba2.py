@@ -20,7 +20,7 @@ class Mamba2Block(SSDBlockBase):
                  backend="auto"):
         super().__init__(d_model, d_state, d_conv, expand, headdim, ngroups, chunk_size, backend,
                          directions=1, causal=True, A_init_range=(1, 16),
-                         norm_group_size=expand * d_model // ngroups, norm_before_gate=False)
+                         norm_groups=ngroups, norm_before_gate=False)
 
     def forward(self, hidden_states, mask=None):
         """hidden_states: (b, l, d_model); mask: (b, l) bool or None, True = real item (padding makes no

@@ -5,9 +5,9 @@ parameter (``weight``, (d,)) and options, so checkpoints move between the two.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from recbole_ssm.ops.backend import check_backend, cuda_kernel
+from recbole_ssm.ops.backend import check_backend
+from recbole_ssm.ops.gated_rmsnorm import gated_rmsnorm
 
 
 class RMSNormGated(nn.Module):
@@ -31,21 +31,7 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x, z=None):
         """x, z: (..., d). Returns (..., d)."""
-        fused = cuda_kernel(self.backend, x, "mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn")
-        if fused is not None:
-            return fused(x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size,
-                         norm_before_gate=self.norm_before_gate)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        y = x.to(dtype)
-        gate = None if z is None else F.silu(z.to(dtype))
-        if gate is not None and not self.norm_before_gate:
-            y = y * gate
-        groups = y.unflatten(-1, (-1, self.group_size))  # (..., d // group_size, group_size)
-        y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        y = y * self.weight.to(dtype)
-        if gate is not None and self.norm_before_gate:
-            y = y * gate
-        return y.to(x.dtype)
+        return gated_rmsnorm(x, self.weight, z, self.eps, self.group_size, self.norm_before_gate, self.backend)
 
     def extra_repr(self):
         return (f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}, "

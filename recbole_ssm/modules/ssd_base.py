@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recbole_ssm.modules.arguments import check_positive_integers
 from recbole_ssm.modules.norm import RMSNormGated
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d
@@ -30,13 +31,15 @@ class SSDBlockBase(nn.Module):
     """Parameters and the projections around the scan; subclasses implement ``forward``.
 
     ``directions``: 1 (Mamba-2) or 2 (Hydra); ``causal``: causal (left-padded) convolution, else centred;
-    ``A_init_range``: A = -exp(A_log) starts uniform in this range; ``norm_group_size`` and
-    ``norm_before_gate``: options of the gated RMSNorm.
+    ``A_init_range``: A = -exp(A_log) starts uniform in this range; ``norm_groups`` (the gated RMSNorm
+    normalises d_inner / norm_groups features at a time) and ``norm_before_gate``: options of that norm.
     """
 
     def __init__(self, d_model, d_state, d_conv, expand, headdim, ngroups, chunk_size, backend, *,
-                 directions, causal, A_init_range, norm_group_size, norm_before_gate):
+                 directions, causal, A_init_range, norm_groups, norm_before_gate):
         super().__init__()
+        check_positive_integers(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand,
+                                headdim=headdim, ngroups=ngroups, chunk_size=chunk_size)
         d_inner = expand * d_model
         if d_inner % headdim != 0:
             raise ValueError(f"headdim ({headdim}) must divide expand * d_model = {expand} * {d_model} = {d_inner}")
@@ -60,7 +63,7 @@ class SSDBlockBase(nn.Module):
         self.dt_bias = nn.Parameter(init_dt_bias(nheads))
         self.A_log = nn.Parameter(torch.empty(nheads).uniform_(*A_init_range).log())
         self.D = nn.Parameter(torch.ones(nheads))
-        self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=norm_group_size, norm_before_gate=norm_before_gate,
+        self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // norm_groups, norm_before_gate=norm_before_gate,
                                  backend=backend)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         for p in (self.dt_bias, self.A_log, self.D):

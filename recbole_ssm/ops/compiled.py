@@ -82,6 +82,34 @@ def _exp32(x):
     return impl
 
 
+# 2**f = 1 + f * (P1 + f * (P2 + ...)) on |f| <= 1/2: a degree-6 least-relative-error fit (2e-9).
+_P1, _P2, _P3, _P4, _P5, _P6 = (_F(c) for c in (0.6931472028563753, 0.24022647913441988, 0.05550332469052399,
+                                                0.009618437370212733, 0.0013398875069152195, 0.000153533600877713))
+
+
+def decay(x):
+    """exp(x) for the decays exp(delta * A) of the scans' inner loops (typed by Numba; Python callers
+    get math.exp). In float32 it is 2**(x log2 e), as mamba-ssm's CUDA scan computes it: 14 operations
+    instead of :func:`exp32`'s 19 (20% faster), with a relative error below 1.5e-7 + 1e-7 |x| (the
+    rounding of x log2 e), so an absolute error below 1.5e-7 exp(x) + 4e-8 where x <= 0; 0 below
+    x = -88 (never a slow subnormal)."""
+    return math.exp(x)
+
+
+@overload(decay, inline="always")
+def _decay(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def impl(x):
+        x2 = max(x * _LOG2E, _K_MIN)                   # keeps nan; -inf gives 2**-127, read as 0
+        k = np.rint(x2)
+        f = x2 - k                                     # exact, |f| <= 1/2
+        p = _ONE + f * (_P1 + f * (_P2 + f * (_P3 + f * (_P4 + f * (_P5 + f * _P6)))))
+        return p * _float32_from_bits((np.int32(min(k, _K_MAX)) + np.int32(127)) << np.int32(23))
+    return impl
+
+
 def softplus(x):
     """log(1 + exp(x)) for the kernels; float32 vectorises, float64 calls libm."""
     return math.log1p(math.exp(x)) if x < 20 else x
@@ -106,6 +134,13 @@ def exp_in_kernel(x, out):
     """out[i] = exp32(x[i]), compiled with the kernels' options (tests bound its error with it)."""
     for i in range(x.shape[0]):
         out[i] = exp32(x[i])
+
+
+@njit(**JIT_OPTIONS)
+def decay_in_kernel(x, out):
+    """out[i] = decay(x[i]), compiled with the kernels' options."""
+    for i in range(x.shape[0]):
+        out[i] = decay(x[i])
 
 
 @njit(**JIT_OPTIONS)

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -135,3 +136,22 @@ def write_amazon(tmp_path):
         return reviews_path, meta_path
 
     return write
+
+
+def read_atomic(path):
+    """(header fields, rows) of an atomic file, checking that every row has the header's width."""
+    with open(path, "rb") as handle:
+        text = handle.read().decode("utf-8")
+    assert "\r" not in text
+    lines = text.split("\n")
+    assert lines[-1] == ""  # newline-terminated
+    header, *rows = [line.split("\t") for line in lines[:-1]]
+    assert all(len(row) == len(header) for row in rows)
+    return header, rows
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "dataset_scripts", *map(str, args)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )

@@ -4,14 +4,15 @@ import gzip
 import io
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import AMAZON_META, AMAZON_REVIEWS, REPO_ROOT, TRUNCATED_LINE, review, write_jsonl
+from conftest import (
+    AMAZON_META, AMAZON_REVIEWS, REPO_ROOT, TRUNCATED_LINE, read_atomic, review, run_cli, write_jsonl,
+)
 
 from dataset_scripts.amazon2023 import convert_amazon2023
 from dataset_scripts.atomic import AtomicOutput, ConversionError, Progress, as_token_seq, clean_text
@@ -20,25 +21,6 @@ from dataset_scripts.movielens import convert_ml1m, split_title_year
 
 QUIET = Progress(quiet=True)
 INTER_HEADER = ["user_id:token", "item_id:token", "rating:float", "timestamp:float"]
-
-
-def read_atomic(path):
-    """(header fields, rows) of an atomic file, checking that every row has the header's width."""
-    with open(path, "rb") as handle:
-        text = handle.read().decode("utf-8")
-    assert "\r" not in text
-    lines = text.split("\n")
-    assert lines[-1] == ""  # newline-terminated
-    header, *rows = [line.split("\t") for line in lines[:-1]]
-    assert all(len(row) == len(header) for row in rows)
-    return header, rows
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "dataset_scripts", *map(str, args)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )
 
 
 # ---------------------------------------------------------------- text cleaning
@@ -184,7 +166,7 @@ def test_amazon_item_file(write_amazon, tmp_path):
     assert float(items["P3"]["price"]) == 7.5
     assert items["P3"]["average_rating"] == items["P3"]["rating_number"] == ""
     assert "None" not in path.read_text(encoding="utf-8")
-    assert report.repeated_ids == {str(meta): 1}
+    assert report.features[str(meta)].repeated == 1
     assert report.rows == {"amazon-beauty.inter": 7, "amazon-beauty.item": 3}
 
 
@@ -253,6 +235,14 @@ GOOD_REVIEW = review("U1", "P1", 5.0, 1600000000000)
         ("1::2::five::978300760", "non-numeric Rating 'five'"),
         ("1::2::5::soon", "non-numeric Timestamp 'soon'"),
         ("::2::5::978300760", "empty UserID"),
+        ("1::2::7::978300760", "Rating '7' is out of range (1 to 5)"),
+        ("1::2::0::978300760", "Rating '0' is out of range (1 to 5)"),
+        ("1::2::5::978_300_760", "non-numeric Timestamp '978_300_760'"),  # int() would take it
+        ("1::2::5::978300760.5", "Timestamp '978300760.5' is not a whole number"),
+        ("1::2::5::-978300760", "Timestamp '-978300760' is out of range (0 to "),
+        ("1::2:: 5::978300760", "non-numeric Rating ' 5'"),
+        ("u1::2::5::978300760", "UserID 'u1' is not a whole number"),
+        ("1::2.0::5::978300760", "MovieID '2.0' is not a whole number"),
     ],
 )
 def test_ml1m_bad_rating_lines(write_ml1m, tmp_path, bad_line, reason):
@@ -280,6 +270,26 @@ def test_ml1m_bad_rating_lines(write_ml1m, tmp_path, bad_line, reason):
         (review("U1", "P2", "good", 1600000000000), "non-numeric rating 'good'"),
         (review("U1", "P2", 4.0, 1e30), "timestamp 1e+30 is out of range"),
         (review(["U1"], "P2", 4.0, 1600000000000), "field 'user_id' is not a string"),
+        (review("U1", "P2", 0.0, 1600000000000), "rating 0.0 is out of range (1 to 5)"),
+        (review("U1", "P2", "4_0", 1600000000000), "non-numeric rating '4_0'"),
+        (review("U1", "P2", 4.0, -1), "timestamp -1 is out of range (0 to "),
+        (review("U1", "P2", 4.0, "\u0661\u0666"), "non-numeric timestamp '\u0661\u0666'"),  # int() takes it
+        (review("", "P2", 4.0, 1600000000000), "empty field 'user_id'"),
+        # ids that pandas, reading the atomic file for RecBole, would turn into missing values
+        (review("NA", "P2", 4.0, 1600000000000),
+         "user_id 'NA' would be read by RecBole (pandas) as a missing value"),
+        (review("U1", "null", 4.0, 1600000000000),
+         "parent_asin 'null' would be read by RecBole (pandas) as a missing value"),
+        (review("nan", "P2", 4.0, 1600000000000),
+         "user_id 'nan' would be read by RecBole (pandas) as a missing value"),
+        # ids that the atomic file cannot keep as they are
+        (review("U1\ud800", "P2", 4.0, 1600000000000),
+         "user_id 'U1\\ud800' holds an unpaired surrogate ('\\ud800'), which UTF-8 cannot encode"),
+        (review(" U1", "P2", 4.0, 1600000000000), "user_id ' U1' holds characters an atomic file "
+         "cannot keep as they are (control characters, double quotes, leading, trailing or "
+         "repeated spaces)"),
+        (review("U\t1", "P2", 4.0, 1600000000000), "user_id 'U\\t1' holds characters"),
+        (review('"U1"', "P2", 4.0, 1600000000000), "user_id '\"U1\"' holds characters"),
     ],
 )
 def test_amazon_bad_review_lines(tmp_path, bad_line, reason):

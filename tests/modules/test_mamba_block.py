@@ -66,13 +66,14 @@ def test_initialisation():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float64_block_matches_reference_in_float64(backend):
     """A float64 block computes in float64 throughout, A, D and the step size bias included: it agrees
-    with the reference to 1e-10, in inference and in training (the chunked scan)."""
+    with the reference to 1e-12, in inference and in training (the chunked scan). (Measured: 1e-16;
+    A_log alone rounded to float32 moves the output by 3e-11, D or the step size bias by 1e-10 to 1e-8.)"""
     block = make_block(backend)
     hidden = torch.randn(3, 19, 12, dtype=torch.float64)
     expected = reference_forward(block, hidden)
     with torch.no_grad():
-        torch.testing.assert_close(block(hidden), expected, rtol=0, atol=1e-10)
-    torch.testing.assert_close(block(hidden.requires_grad_()), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(block(hidden), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(block(hidden.requires_grad_()), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -4,16 +4,19 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.modules.norm import RMSNormGated
+from tests.conftest import CPU_BACKENDS
 
 
 def rms(v, eps=1e-5):
     return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("group_size", [None, 3, 6])
-def test_gated_rmsnorm(group_size):
+def test_gated_rmsnorm(group_size, backend):
     torch.manual_seed(0)
-    x, z = torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 5, 12, dtype=torch.float64)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(12, dtype=torch.float64)
     gs = 12 if group_size is None else group_size
 
@@ -21,17 +24,25 @@ def test_gated_rmsnorm(group_size):
         return torch.cat([rms(v[..., i:i + gs]) for i in range(0, 12, gs)], dim=-1)
 
     expected = {
-        True: grouped(x) * weight * (z * torch.sigmoid(z)),
-        False: grouped(x * z * torch.sigmoid(z)) * weight,
+        True: lambda w: grouped(x) * w * (z * torch.sigmoid(z)),
+        False: lambda w: grouped(x * z * torch.sigmoid(z)) * w,
     }
-    for norm_before_gate, y_ref in expected.items():
-        norm = RMSNormGated(12, group_size=group_size, norm_before_gate=norm_before_gate).double()
+    grad = torch.randn(2, 5, 12, dtype=torch.float64)
+    for norm_before_gate, reference in expected.items():
+        norm = RMSNormGated(12, group_size=group_size, norm_before_gate=norm_before_gate, backend=backend).double()
         assert [(n, tuple(p.shape)) for n, p in norm.named_parameters()] == [("weight", (12,))]
         assert norm.eps == 1e-5
         with torch.no_grad():
             norm.weight.copy_(weight)
-        torch.testing.assert_close(norm(x, z), y_ref, rtol=0, atol=1e-12)
-        torch.testing.assert_close(norm(x), grouped(x) * weight, rtol=0, atol=1e-12)
+        for got, y_ref in ((norm(x, z), reference(norm.weight)), (norm(x), grouped(x) * norm.weight)):
+            torch.testing.assert_close(got, y_ref, rtol=0, atol=1e-12)
+            got_grads = torch.autograd.grad(got, (x, z, norm.weight), grad, allow_unused=True)
+            ref_grads = torch.autograd.grad(y_ref, (x, z, norm.weight), grad, allow_unused=True)
+            for got_grad, ref_grad in zip(got_grads, ref_grads):
+                if ref_grad is None:
+                    assert got_grad is None or not got_grad.any()
+                else:
+                    torch.testing.assert_close(got_grad, ref_grad, rtol=0, atol=1e-12)
 
 
 def test_half_precision_input_is_computed_in_float32():
@@ -49,10 +60,11 @@ def test_group_size_must_divide():
 @pytest.mark.parametrize("group_size", [None, 2])
 @pytest.mark.parametrize("norm_before_gate", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
-def test_gradcheck(group_size, norm_before_gate, gated):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck(group_size, norm_before_gate, gated, backend):
     """Gradients with respect to x, z and the weight."""
     generator = torch.Generator().manual_seed(0)
-    norm = RMSNormGated(6, group_size=group_size, norm_before_gate=norm_before_gate).double()
+    norm = RMSNormGated(6, group_size=group_size, norm_before_gate=norm_before_gate, backend=backend).double()
     x, z, weight = (torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
                     for shape in ((2, 3, 6), (2, 3, 6), (6,)))
 

@@ -1,10 +1,11 @@
-"""Gradients of the pure-PyTorch ops: the selective scan's training path across batch slices, and
-gradcheck of the depthwise convolution."""
+"""Gradients: the pure-PyTorch selective scan's training path across batch slices, and gradcheck of
+the depthwise convolution under every CPU backend."""
 import pytest
 import torch
 
 from recbole_ssm.ops.conv import depthwise_conv1d
 from recbole_ssm.ops.selective_scan import chunked, selective_scan_torch
+from tests.conftest import CPU_BACKENDS
 from tests.selective_scan_reference import random_inputs, recurrence
 
 
@@ -28,13 +29,14 @@ def test_selective_scan_gradients_across_batch_slices(monkeypatch, slice_element
 @pytest.mark.parametrize("causal,width", [(True, 4), (True, 1), (False, 5), (False, 1)])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("activation", ["silu", None])
-def test_depthwise_conv1d_gradcheck(causal, width, with_bias, activation):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_depthwise_conv1d_gradcheck(causal, width, with_bias, activation, backend):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 7, generator=generator, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 1, width, generator=generator, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True) if with_bias else None
 
     def conv(x, weight, bias=None):
-        return depthwise_conv1d(x, weight, bias, causal=causal, activation=activation, backend="torch")
+        return depthwise_conv1d(x, weight, bias, causal=causal, activation=activation, backend=backend)
 
     assert torch.autograd.gradcheck(conv, (x, weight) if bias is None else (x, weight, bias))

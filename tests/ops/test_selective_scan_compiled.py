@@ -83,14 +83,26 @@ def test_strong_decay_in_float32():
         torch.testing.assert_close(grads[name].double(), expected_grads[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_last_state():
-    inputs = random_inputs(length=70)
+@pytest.mark.parametrize("length", [0, 1, 70])
+def test_initial_and_last_state(length, monkeypatch):
+    inputs = random_inputs(length=length)
+    inputs["initial_state"] = torch.randn(2, 5, 4, dtype=torch.float64)
     expected, expected_state = recurrence(**inputs, delta_softplus=True, return_last_state=True)
     y, state = compiled(**inputs, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-10)
-    _, torch_state = selective_scan_torch(**inputs, delta_softplus=True, return_last_state=True)
-    torch.testing.assert_close(torch_state, expected_state, rtol=0, atol=1e-10)
+    assert not state.requires_grad
+    for method in ("chunked", "recurrent"):
+        y, state = selective_scan_torch(**inputs, delta_softplus=True, return_last_state=True, method=method)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-10)
+    if length:
+        names = NAMES + ("initial_state",)
+        _, expected_grads = outputs_and_grads(recurrence, inputs, delta_softplus=True)
+        monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 16)   # several chunks from the initial state
+        _, grads = outputs_and_grads(compiled, inputs, delta_softplus=True)
+        for name in names:
+            torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-10, msg=name)
 
 
 def test_half_precision_is_computed_in_float32():
@@ -123,7 +135,8 @@ def test_two_threads_agree_with_one(batch):
         torch.set_num_threads(threads)
     torch.testing.assert_close(two, one, rtol=0, atol=0)   # rows and channels are independent
     for name in NAMES:  # parameter gradients are summed over threads in another order
-        torch.testing.assert_close(two_grads[name], one_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+        scale = one_grads[name].abs().max().item()
+        torch.testing.assert_close(two_grads[name], one_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_chunked_backward_equals_one_chunk(monkeypatch):

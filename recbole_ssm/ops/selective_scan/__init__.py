@@ -10,27 +10,29 @@ with an optional output gate y_t * silu(z_t). Three implementations of one funct
   - mamba-ssm's CUDA kernel ``selective_scan_fn``.
 :func:`selective_scan` picks one per call (see :mod:`recbole_ssm.ops.backend`).
 """
-from recbole_ssm.ops.backend import cuda_kernel, use_compiled
+from recbole_ssm.ops.backend import use_compiled, use_cuda
+from recbole_ssm.ops.selective_scan import cuda
 from recbole_ssm.ops.selective_scan.chunked import selective_scan_torch
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend="auto"):
+                   initial_state=None, return_last_state=False, backend="auto"):
     """Selective scan with mamba-ssm's ``selective_scan_fn`` signature and layout.
 
-    u, delta, z: (batch, d, length); A: (d, n); B, C: (batch, n, length); D, delta_bias: (d,).
+    u, delta, z: (batch, d, length); A: (d, n); B, C: (batch, n, length); D, delta_bias: (d,);
+    initial_state: the state before the first position, (batch, d, n), zeros when None.
     Returns y: (batch, d, length) in u's dtype, and with ``return_last_state`` also the state after
     the last position, (batch, d, n) (not differentiable).
     """
-    fused = cuda_kernel(backend, u, "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
-    if fused is not None:
-        return fused(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                     return_last_state=return_last_state)
+    if use_cuda(backend, cuda.KERNEL, u, lambda: cuda.unmet(u, delta, A, B, C, D, z, delta_bias, initial_state)):
+        return cuda.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if use_compiled(backend, u):
         from recbole_ssm.ops.selective_scan.fused_recurrent import selective_scan_fused
 
-        return selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                    return_last_state)
+    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                return_last_state)
 
 
 __all__ = ["selective_scan", "selective_scan_torch"]

@@ -24,24 +24,27 @@ METHODS = ("auto", "chunked", "recurrent")
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, chunk_size=None, method="auto"):
+                         initial_state=None, return_last_state=False, chunk_size=None, method="auto"):
     """Pure-PyTorch selective scan; arguments as :func:`recbole_ssm.ops.selective_scan.selective_scan`,
     plus ``chunk_size`` (of the chunked scan; default ceil(sqrt(length))) and ``method``: "chunked",
     "recurrent", or "auto" (recurrent when no gradient is needed, else chunked)."""
     if method not in METHODS:
         raise ValueError(f"unknown scan method {method!r}; choose one of {', '.join(METHODS)}")
-    differentiable = needs_grad(u, delta, A, B, C, delta_bias)
+    differentiable = needs_grad(u, delta, A, B, C, delta_bias, initial_state)
     out_dtype = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)  # at least float32, float64 stays float64
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if initial_state is None:
+        initial_state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    initial_state = initial_state.to(dtype)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     if method == "recurrent" or (method == "auto" and not differentiable):
-        y, last_state = _in_slices(_recurrent_scan, 1, u, delta, A, B, C)
+        y, last_state = _in_slices(_recurrent_scan, 1, u, delta, A, B, C, initial_state)
     else:
-        y, last_state = _chunked_scan(u, delta, A, B, C, chunk_size)
+        y, last_state = _chunked_scan(u, delta, A, B, C, initial_state, chunk_size)
     if D is not None:
         y = y + u * D.to(dtype)[:, None]
     if z is not None:
@@ -65,24 +68,24 @@ def _decay(exponent):
     return torch.exp(exponent.clamp(min=0.5 * math.log(torch.finfo(exponent.dtype).tiny)))
 
 
-def _in_slices(scan, chunks, u, delta, A, B, C, *args):
+def _in_slices(scan, chunks, u, delta, A, B, C, initial, *args):
     """``scan`` over slices of the batch whose (rows, d, chunks, n) state stays in cache; returns
     (y, last_state), each concatenated over the slices."""
     batch, d, _ = u.shape
     rows = max(1, CACHE_SLICE_ELEMENTS // (d * chunks * A.shape[1]))
     if rows >= batch:
-        return scan(u, delta, A, B, C, *args)
-    slices = [scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], *args)
+        return scan(u, delta, A, B, C, initial, *args)
+    slices = [scan(u[i:i + rows], delta[i:i + rows], A, B[i:i + rows], C[i:i + rows], initial[i:i + rows], *args)
               for i in range(0, batch, rows)]
     return tuple(torch.cat(parts) for parts in zip(*slices))
 
 
-def _recurrent_scan(u, delta, A, B, C):
+def _recurrent_scan(u, delta, A, B, C, initial):
     """(y, h_length): y_t = <h_t, C_t> by the recurrence, one in-place update per position, for
     inference only (in-place updates leave autograd nothing to differentiate). Shapes as in
-    :func:`selective_scan_torch`; the last state is (b, d, n)."""
+    :func:`selective_scan_torch`; the state before the first position and the last one are (b, d, n)."""
     batch, d, length = u.shape
-    state = u.new_zeros(batch, d, A.shape[1])                            # (b, d, n)
+    state = initial.clone()                                             # (b, d, n)
     decay = torch.empty_like(state)
     # Time-major copies, so that every step reads and writes contiguous blocks.
     step_rate = delta.permute(2, 0, 1).unsqueeze(-1).contiguous()      # (l, b, d, 1)
@@ -97,27 +100,27 @@ def _recurrent_scan(u, delta, A, B, C):
     return y.squeeze(-1).permute(1, 2, 0), state                        # (b, d, l), (b, d, n)
 
 
-def _chunked_scan(u, delta, A, B, C, chunk_size):
+def _chunked_scan(u, delta, A, B, C, initial, chunk_size):
     """:func:`_two_level_scan` with ``chunk_size`` (default ceil(sqrt(length))), in cache-sized slices."""
     batch, d, length = u.shape
     if length == 0:
-        return u.new_zeros(batch, d, 0), u.new_zeros(batch, d, A.shape[1])
+        return u.new_zeros(batch, d, 0), initial
     steps = chunk_size or math.isqrt(length - 1) + 1
     if steps < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     chunks = -(-length // steps)
     scan = _two_level_scan_recomputed if torch.is_grad_enabled() else _two_level_scan
-    return _in_slices(scan, chunks, u, delta, A, B, C, steps, chunks)
+    return _in_slices(scan, chunks, u, delta, A, B, C, initial, steps, chunks)
 
 
-def _two_level_scan_recomputed(u, delta, A, B, C, steps, chunks):
+def _two_level_scan_recomputed(u, delta, A, B, C, initial, steps, chunks):
     """:func:`_two_level_scan` that keeps only its inputs for the backward pass and recomputes."""
-    return checkpoint(_two_level_scan, u, delta, A, B, C, steps, chunks, use_reentrant=False)
+    return checkpoint(_two_level_scan, u, delta, A, B, C, initial, steps, chunks, use_reentrant=False)
 
 
-def _two_level_scan(u, delta, A, B, C, steps, chunks):
-    """(y, h_length): y_t = <h_t, C_t> of the recurrence, from h_0 = 0, with ``chunks`` chunks of
-    ``steps`` positions. Shapes as in :func:`selective_scan_torch`."""
+def _two_level_scan(u, delta, A, B, C, initial, steps, chunks):
+    """(y, h_length): y_t = <h_t, C_t> of the recurrence from the state ``initial`` (b, d, n), with
+    ``chunks`` chunks of ``steps`` positions. Shapes as in :func:`selective_scan_torch`."""
     batch, d, length = u.shape
     pad = chunks * steps - length  # padded steps have delta = 0: the identity map, no output used
 
@@ -142,7 +145,7 @@ def _two_level_scan(u, delta, A, B, C, steps, chunks):
 
     # 2. Carry the chunk-end states across chunks: carried[c] is the true state before chunk c.
     chunk_decays = _decay(delta_s.sum(0).unsqueeze(-1) * A).unbind(1)   # chunks x (b, d, n)
-    carry = u.new_zeros(batch, d, A.shape[-1])
+    carry = initial
     carried = []
     for chunk_decay, chunk_state in zip(chunk_decays, state.unbind(1)):
         carried.append(carry)

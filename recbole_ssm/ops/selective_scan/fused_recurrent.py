@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, softplus, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, decay, exp32, run_parts, softplus, split, threads
 
 # Positions whose states and decays the backward pass holds at once, per batch row and thread:
 # 2 * 64 * d_state * d_inner floats (2 MB at d_state 32, d_inner 128, float32).
@@ -19,49 +19,51 @@ BACKWARD_CHUNK = 64
 
 
 @njit(**JIT_OPTIONS)
-def _step_rates(delta_t, bias, use_softplus, out, d0, d1):
-    """out[d] = softplus(delta_t[d] + bias[d]) for d in d0:d1, or without softplus."""
-    for d in range(d0, d1):
+def _step_rates(delta_t, bias, use_softplus, out):
+    """out[d] = softplus(delta_t[d] + bias[d]), or without softplus."""
+    for d in range(out.shape[0]):
         raw = delta_t[d] + bias[d]
         out[d] = softplus(raw) if use_softplus else raw
 
 
 @njit(**JIT_OPTIONS)
-def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1, d0, d1):
-    """Rows b0:b1, channels d0:d1. u, delta, z, out: (batch, length, d); A_T: (n, d); B, C: (batch,
-    length, n); D, bias: (d,); z of shape (0, 0, 0) for no gate; state (batch, n, d): the state before
-    the first position, overwritten with the state after the last one."""
-    length, n_state = u.shape[1], A_T.shape[0]
-    dt = np.empty(d1, u.dtype)
-    drive = np.empty(d1, u.dtype)
-    y = np.empty(d1, u.dtype)
+def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1):
+    """Rows b0:b1. u, delta, z, out: (batch, length, d); A_T: (n, d); B, C: (batch, length, n);
+    D, bias: (d,); z of shape (0, 0, 0) for no gate; state (batch, n, d): the state before the first
+    position, overwritten with the state after the last one. (The channel loops run over whole rows:
+    a loop over a sub-range of channels vectorised 7x worse.)"""
+    length, d_inner, n_state = u.shape[1], u.shape[2], A_T.shape[0]
+    dt = np.empty(d_inner, u.dtype)
+    drive = np.empty(d_inner, u.dtype)
+    y = np.empty(d_inner, u.dtype)
     for b in range(b0, b1):
         h = state[b]
         for t in range(length):
             u_t, out_t = u[b, t], out[b, t]
-            _step_rates(delta[b, t], bias, use_softplus, dt, d0, d1)
-            for d in range(d0, d1):
+            _step_rates(delta[b, t], bias, use_softplus, dt)
+            for d in range(d_inner):
                 drive[d] = dt[d] * u_t[d]
                 y[d] = D[d] * u_t[d]
             for n in range(n_state):
                 A_n, h_n, B_tn, C_tn = A_T[n], h[n], B[b, t, n], C[b, t, n]
-                for d in range(d0, d1):
-                    h_n[d] = exp32(dt[d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                for d in range(d_inner):
+                    h_n[d] = decay(dt[d] * A_n[d]) * h_n[d] + drive[d] * B_tn
                     y[d] += h_n[d] * C_tn
             if z.shape[0]:
                 z_t = z[b, t]
-                for d in range(d0, d1):
+                for d in range(d_inner):
                     out_t[d] = y[d] * z_t[d] / (1 + exp32(-z_t[d]))
             else:
-                for d in range(d0, d1):
+                for d in range(d_inner):
                     out_t[d] = y[d]
 
 
 @njit(**JIT_OPTIONS)
-def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
-              du, ddelta, dz, dA_T, dB, dC, dD, dbias, b0, b1, chunk):
-    """Gradients of :func:`_forward` (from a zero state) for rows b0:b1, all channels. du, ddelta, dz:
-    like u; dB, dC: like B (these are written); dA_T (n, d), dD, dbias (d,): accumulated into."""
+def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
+              du, ddelta, dz, dA_T, dB, dC, dD, dbias, d_initial, b0, b1, chunk):
+    """Gradients of :func:`_forward` from the states ``initial`` (batch, n, d), for rows b0:b1, all
+    channels. du, ddelta, dz: like u; dB, dC: like B; d_initial: like initial (these are written);
+    dA_T (n, d), dD, dbias (d,): accumulated into."""
     length, d_inner = u.shape[1], u.shape[2]
     n_state = A_T.shape[0]
     chunks = (length + chunk - 1) // chunk
@@ -76,32 +78,29 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
     grad_hB = np.empty(d_inner, u.dtype)                       # sum_n dL/dh_t[n] B_t[n]
     grad_decay = np.empty(d_inner, u.dtype)                    # sum_n dL/da_t[n] a_t[n] A[n]
     for b in range(b0, b1):
-        # States entering each chunk (a chunk of one sequence starts from zero: no pass needed).
+        # States entering each chunk (no pass needed when the sequence is one chunk).
         h = states[0]
-        h[:] = 0
+        h[:] = initial[b]
         for t in range(length if chunks > 1 else 0):
             if t % chunk == 0:
                 entering[t // chunk] = h
-            _step_rates(delta[b, t], bias, use_softplus, rates[0], 0, d_inner)
+            _step_rates(delta[b, t], bias, use_softplus, rates[0])
             for d in range(d_inner):
                 drive[d] = rates[0, d] * u[b, t, d]
             for n in range(n_state):
                 A_n, h_n, B_tn = A_T[n], h[n], B[b, t, n]
                 for d in range(d_inner):
-                    h_n[d] = exp32(rates[0, d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                    h_n[d] = decay(rates[0, d] * A_n[d]) * h_n[d] + drive[d] * B_tn
         grad_h[:] = 0
         for c in range(chunks - 1, -1, -1):
             t0 = c * chunk
             t1 = min(length, t0 + chunk)
-            if chunks > 1:
-                states[0] = entering[c]
-            else:
-                states[0] = 0
+            states[0] = entering[c] if chunks > 1 else initial[b]
             # Recompute the chunk's states, decays and read-outs.
             for t in range(t0, t1):
                 j = t - t0
                 dt, y = rates[j], readout[j]
-                _step_rates(delta[b, t], bias, use_softplus, dt, 0, d_inner)
+                _step_rates(delta[b, t], bias, use_softplus, dt)
                 for d in range(d_inner):
                     drive[d] = dt[d] * u[b, t, d]
                     y[d] = 0
@@ -109,7 +108,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
                     A_n, before, after, a = A_T[n], states[j, n], states[j + 1, n], decays[j, n]
                     B_tn, C_tn = B[b, t, n], C[b, t, n]
                     for d in range(d_inner):
-                        a[d] = exp32(dt[d] * A_n[d])
+                        a[d] = decay(dt[d] * A_n[d])
                         after[d] = a[d] * before[d] + drive[d] * B_tn
                         y[d] += after[d] * C_tn
             # Then backwards through it.
@@ -153,6 +152,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, grad_out,
                         grad_dt /= 1 + exp32(-(delta[b, t, d] + bias[d]))  # softplus' = sigmoid
                     ddelta[b, t, d] = grad_dt
                     dbias[d] += grad_dt
+        d_initial[b] = grad_h
 
 
 def _time_major(t, dtype):
@@ -164,68 +164,61 @@ def _time_major(t, dtype):
 class _FusedSelectiveScan(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_last_state):
         dtype = torch.promote_types(u.dtype, torch.float32)
         batch, d_inner, length = u.shape
+        initial = (torch.zeros(batch, A.shape[1], d_inner, dtype=dtype) if initial_state is None
+                   else initial_state.detach().to(dtype).transpose(1, 2).contiguous())    # (b, n, d)
         inputs = (_time_major(u, dtype), _time_major(delta, dtype), A.detach().to(dtype).t().contiguous(),
-                  _time_major(B, dtype), _time_major(C, dtype),
-                  _vector_or_zeros(D, d_inner, dtype),
+                  _time_major(B, dtype), _time_major(C, dtype), _vector_or_zeros(D, d_inner, dtype),
                   _time_major(z, dtype) if z is not None else torch.empty(0, 0, 0, dtype=dtype),
                   _vector_or_zeros(delta_bias, d_inner, dtype))
         out = torch.empty(batch, length, d_inner, dtype=dtype)
-        state = torch.zeros(batch, A.shape[1], d_inner, dtype=dtype)   # (b, n, d)
-        arrays = [t.numpy() for t in inputs]
-        out_np, state_np = out.numpy(), state.numpy()
-
-        def scan(b0, b1, d0, d1):
-            _forward(*arrays, bool(delta_softplus), out_np, state_np, b0, b1, d0, d1)
-
+        state = initial.clone()        # the kernel turns it into the last state
         if batch >= threads() or length == 0:
-            run_parts(lambda b0, b1: scan(b0, b1, 0, d_inner), split(batch, threads()))
-        else:  # few rows: the channels are independent, split them instead
-            for b in range(batch):
-                run_parts(lambda d0, d1: scan(b, b + 1, d0, d1), split(d_inner, threads()))
-        ctx.save_for_backward(*inputs)
+            arrays = [t.numpy() for t in (*inputs, out, state)]
+            run_parts(lambda b0, b1: _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], b0, b1),
+                      split(batch, threads()))
+        else:  # few rows: the channels are independent, each thread scans its own slice of them
+            def channels(d0, d1):  # every tensor but B and C has the channels last
+                part = [t if i in (3, 4) or not t.numel() else t[..., d0:d1].contiguous()
+                        for i, t in enumerate((*inputs, out, state))]
+                arrays = [t.numpy() for t in part]
+                _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], 0, batch)
+                out[..., d0:d1], state[..., d0:d1] = part[8], part[9]
+
+            run_parts(channels, split(d_inner, threads()))
+        ctx.save_for_backward(*inputs, initial)
         ctx.delta_softplus = bool(delta_softplus)
-        ctx.input_dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype,
-                            None if D is None else D.dtype, None if z is None else z.dtype,
-                            None if delta_bias is None else delta_bias.dtype)
+        ctx.input_dtypes = [None if t is None else t.dtype
+                            for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         y = out.transpose(1, 2).to(u.dtype)
-        if return_last_state:
-            last_state = state.transpose(1, 2)                          # (b, d, n)
-            ctx.mark_non_differentiable(last_state)
-            return y, last_state
-        return y
+        if not return_last_state:
+            return y
+        last_state = state.transpose(1, 2)                                  # (b, d, n)
+        ctx.mark_non_differentiable(last_state)
+        return y, last_state
 
     @staticmethod
     def backward(ctx, grad_out, *grad_last_state):  # the last state is not differentiable
-        u, delta, A_T, B, C, D, z, bias = ctx.saved_tensors
-        batch, length, d_inner = u.shape
-        grad_out = _time_major(grad_out, u.dtype)
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dz = torch.empty_like(z)
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        u, delta, A_T, B, C, D, z, bias, initial = ctx.saved_tensors
+        grads = [torch.empty_like(t) for t in (u, u, z, B, C, initial)]   # du, ddelta, dz, dB, dC, d_initial
+        du, ddelta, dz, dB, dC, d_initial = (t.numpy() for t in grads)
         arrays = [t.numpy() for t in (u, delta, A_T, B, C, D, z, bias)]
-        shared = [t.numpy() for t in (grad_out, du, ddelta, dz)]
-        dB_np, dC_np = dB.numpy(), dC.numpy()
+        grad_out = _time_major(grad_out, u.dtype).numpy()
 
-        def scan(b0, b1):  # per-thread sums of the parameters' gradients
+        def scan(b0, b1):  # each thread sums the parameters' gradients over its rows
             dA_T, dD, dbias = np.zeros_like(arrays[2]), np.zeros_like(arrays[5]), np.zeros_like(arrays[7])
-            _backward(*arrays, ctx.delta_softplus, *shared, dA_T, dB_np, dC_np, dD, dbias, b0, b1,
-                      BACKWARD_CHUNK)
+            _backward(*arrays, ctx.delta_softplus, initial.numpy(), grad_out, du, ddelta, dz, dA_T, dB, dC,
+                      dD, dbias, d_initial, b0, b1, BACKWARD_CHUNK)
             return dA_T, dD, dbias
 
-        parts = run_parts(scan, split(batch, threads()))
-        dA_T, dD, dbias = (torch.from_numpy(sum(p[i] for p in parts)) for i in range(3))
-        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, D_dtype, z_dtype, bias_dtype = ctx.input_dtypes
-
-        def back(t, dtype):  # (batch, length, c) -> (batch, c, length) in the input's dtype
-            return t.transpose(1, 2).to(dtype)
-
-        return (back(du, u_dtype), back(ddelta, delta_dtype), dA_T.t().to(A_dtype), back(dB, B_dtype),
-                back(dC, C_dtype), None if D_dtype is None else dD.to(D_dtype),
-                None if z_dtype is None else back(dz, z_dtype),
-                None if bias_dtype is None else dbias.to(bias_dtype), None, None)
+        parts = run_parts(scan, split(u.shape[0], threads()))
+        dA_T, dD, dbias = (torch.from_numpy(sum(part[i] for part in parts)) for i in range(3))
+        du, ddelta, dz, dB, dC, d_initial = (t.transpose(1, 2) for t in grads)  # back to the callers' layout
+        grads = (du, ddelta, dA_T.t(), dB, dC, dD, dz, dbias, d_initial)
+        return tuple(None if dtype is None else grad.to(dtype)
+                     for grad, dtype in zip(grads, ctx.input_dtypes)) + (None, None)
 
 
 def _vector_or_zeros(t, size, dtype):
@@ -233,8 +226,9 @@ def _vector_or_zeros(t, size, dtype):
 
 
 def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False):
+                         initial_state=None, return_last_state=False):
     """The selective scan by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.selective_scan.selective_scan` (CPU tensors; computed in float32, or in
     float64 for float64 inputs)."""
-    return _FusedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _FusedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                     return_last_state)

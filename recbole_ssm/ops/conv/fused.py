@@ -1,0 +1,123 @@
+"""The depthwise convolution as compiled CPU kernels (Numba): taps, bias and SiLU in one pass over the
+channels-last activations, forward and backward.
+
+PyTorch's shifted multiply-adds pay, in the backward pass, for a zero-padded gradient per tap and a
+reduction per tap; here each position's channels are one contiguous vector, the pre-activation is
+recomputed in the backward pass rather than stored, and the weight and bias gradients are summed per
+thread.
+"""
+import numpy as np
+import torch
+from numba import njit
+
+from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
+
+
+@njit(**JIT_OPTIONS)
+def _preactivation(x_b, taps, bias, before, t, out):
+    """out[c] = bias[c] + sum_k taps[k, c] x_b[t - before + k, c], zero outside the sequence."""
+    length = x_b.shape[0]
+    out[:] = bias
+    for k in range(taps.shape[0]):
+        s = t - before + k
+        if 0 <= s < length:
+            x_s, tap = x_b[s], taps[k]
+            for c in range(out.shape[0]):
+                out[c] += tap[c] * x_s[c]
+
+
+@njit(**JIT_OPTIONS)
+def _forward(x, taps, bias, before, use_silu, out, b0, b1):
+    """Rows b0:b1. x, out: (batch, length, channels); taps: (width, channels); bias: (channels,)."""
+    for b in range(b0, b1):
+        for t in range(x.shape[1]):
+            out_t = out[b, t]
+            _preactivation(x[b], taps, bias, before, t, out_t)
+            if use_silu:
+                for c in range(out_t.shape[0]):
+                    out_t[c] = out_t[c] / (1 + exp32(-out_t[c]))
+
+
+@njit(**JIT_OPTIONS)
+def _backward(x, taps, bias, before, use_silu, grad_out, grad_x, grad_taps, grad_bias, b0, b1):
+    """Gradients of :func:`_forward` for rows b0:b1: grad_x (like x) written; grad_taps (width,
+    channels) and grad_bias (channels,) accumulated into."""
+    length, channels = x.shape[1], x.shape[2]
+    width = taps.shape[0]
+    grad_pre = np.empty((length, channels), x.dtype)   # dL/d(pre-activation) of one row
+    for b in range(b0, b1):
+        for t in range(length):
+            g_t, gp_t = grad_out[b, t], grad_pre[t]
+            if use_silu:
+                _preactivation(x[b], taps, bias, before, t, gp_t)
+                for c in range(channels):
+                    sig = 1 / (1 + exp32(-gp_t[c]))
+                    gp_t[c] = g_t[c] * sig * (1 + gp_t[c] * (1 - sig))
+            else:
+                gp_t[:] = g_t
+            for c in range(channels):
+                grad_bias[c] += gp_t[c]
+            for k in range(width):
+                s = t - before + k
+                if 0 <= s < length:
+                    x_s, gtap = x[b, s], grad_taps[k]
+                    for c in range(channels):
+                        gtap[c] += gp_t[c] * x_s[c]
+        for s in range(length):                        # grad_x[s] = sum_k taps[k] grad_pre[s + before - k]
+            gx_s = grad_x[b, s]
+            gx_s[:] = 0
+            for k in range(width):
+                t = s + before - k
+                if 0 <= t < length:
+                    gp_t, tap = grad_pre[t], taps[k]
+                    for c in range(channels):
+                        gx_s[c] += tap[c] * gp_t[c]
+
+
+class _FusedConv(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, before, use_silu):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        channels, width = weight.shape[0], weight.shape[-1]
+        inputs = (x.detach().to(dtype).transpose(1, 2).contiguous(),                 # (b, l, c)
+                  weight.detach().to(dtype).reshape(channels, width).t().contiguous(),  # (width, c)
+                  torch.zeros(channels, dtype=dtype) if bias is None else bias.detach().to(dtype).contiguous())
+        out = torch.empty_like(inputs[0])
+        arrays = [t.numpy() for t in inputs]
+        out_np = out.numpy()
+        run_parts(lambda b0, b1: _forward(*arrays, before, use_silu, out_np, b0, b1),
+                  split(x.shape[0], threads()))
+        ctx.save_for_backward(*inputs)
+        ctx.before, ctx.use_silu = before, use_silu
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.weight_shape = weight.shape
+        return out.transpose(1, 2).to(x.dtype)                                        # (b, c, l)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, taps, bias = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype).transpose(1, 2).contiguous()
+        grad_x = torch.empty_like(x)
+        arrays = [t.numpy() for t in (x, taps, bias)]
+        grad_out_np, grad_x_np = grad_out.numpy(), grad_x.numpy()
+
+        def rows(b0, b1):  # each thread sums the weight and bias gradients over its rows
+            grad_taps, grad_bias = np.zeros_like(arrays[1]), np.zeros_like(arrays[2])
+            _backward(*arrays, ctx.before, ctx.use_silu, grad_out_np, grad_x_np, grad_taps, grad_bias, b0, b1)
+            return grad_taps, grad_bias
+
+        parts = run_parts(rows, split(x.shape[0], threads()))
+        grad_taps, grad_bias = (torch.from_numpy(sum(part[i] for part in parts)) for i in range(2))
+        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        return (grad_x.transpose(1, 2).to(x_dtype), grad_taps.t().reshape(ctx.weight_shape).to(weight_dtype),
+                None if bias_dtype is None else grad_bias.to(bias_dtype), None, None)
+
+
+def depthwise_conv1d_fused(x, weight, bias=None, causal=True, activation="silu"):
+    """The depthwise convolution by the compiled kernels; arguments and result as
+    :func:`recbole_ssm.ops.conv.depthwise_conv1d` (CPU tensors; float32, or float64 for float64 x)."""
+    width = weight.shape[-1]
+    if not causal and width % 2 == 0:
+        raise ValueError(f"a centred convolution needs an odd width, got {width}")
+    return _FusedConv.apply(x, weight, bias, width - 1 if causal else width // 2, activation == "silu")

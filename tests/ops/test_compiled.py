@@ -1,0 +1,194 @@
+"""What the compiled kernels share: their exp and softplus, threads, loading, fallback and cache."""
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_ssm.ops import compiled
+from recbole_ssm.ops.selective_scan import selective_scan
+from tests.selective_scan_reference import random_inputs, recurrence
+
+
+def float32_grid(low, high, count=2_000_001):
+    return np.linspace(low, high, count, dtype=np.float32)
+
+
+def test_exp_error_bound_inside_a_kernel():
+    # Compiled with the kernels' fastmath flags, which once folded a split ln 2 back into one
+    # float32 constant (3e-7): the bound below fails for that version.
+    x = float32_grid(-87.3, 88.3)
+    got = np.empty_like(x)
+    compiled.exp_in_kernel(x, got)
+    exact = np.exp(x.astype(np.float64))
+    assert (np.abs(got - exact) / exact).max() < 1e-7
+
+
+def test_decay_error_bound_inside_a_kernel():
+    # The scans' decays exp(delta * A), exponents <= 0: relative error 1.5e-7 + 1e-7 |x| (the rounding
+    # of x log2 e, as in mamba-ssm's CUDA scan), so the absolute error stays below 1.5e-7 exp(x) + 4e-8.
+    x = float32_grid(-87.3, 0)
+    got = np.empty_like(x)
+    compiled.decay_in_kernel(x, got)
+    exact = np.exp(x.astype(np.float64))
+    assert (np.abs(got - exact) / exact / (1.5e-7 + 1e-7 * np.abs(x))).max() < 1
+    assert (np.abs(got - exact) - 1.5e-7 * exact).max() < 4e-8
+    edges = np.array([-1e30, -88.5, -np.inf, np.nan, 0.0], dtype=np.float32)
+    got = np.empty_like(edges)
+    compiled.decay_in_kernel(edges, got)
+    np.testing.assert_array_equal(got[:3], 0)
+    assert np.isnan(got[3]) and got[4] == 1
+
+
+def test_exp_at_the_edges():
+    x = np.array([-1e30, -200, -88.0, 89.0, 1e30, -np.inf, np.inf, np.nan, 0.0], dtype=np.float32)
+    got = np.empty_like(x)
+    compiled.exp_in_kernel(x, got)
+    np.testing.assert_array_equal(got[:3], 0)                       # never a (slow) subnormal
+    assert np.isposinf(got[3:5]).all() and got[5] == 0 and np.isposinf(got[6]) and np.isnan(got[7])
+    assert got[8] == 1
+    float64 = np.array([-700.0, -1.5, 0.0, 3.0])
+    got64 = np.empty_like(float64)
+    compiled.exp_in_kernel(float64, got64)
+    np.testing.assert_array_equal(got64, np.exp(float64))            # float64 calls libm
+
+
+def test_softplus_error_bound():
+    x = float32_grid(-80, 80)
+    got = np.empty_like(x)
+    compiled.softplus_in_kernel(x, got)
+    exact = np.logaddexp(0, x.astype(np.float64))        # log(1 + exp(x)), without a threshold
+    assert (np.abs(got - exact) / exact).max() < 3e-7
+    x64 = x.astype(np.float64)
+    got64 = np.empty_like(x64)
+    compiled.softplus_in_kernel(x64, got64)
+    np.testing.assert_allclose(got64, exact, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("count, parts", [(10, 3), (2, 5), (1, 1), (7, 7)])
+def test_split_covers_the_range(count, parts):
+    ranges = compiled.split(count, parts)
+    assert len(ranges) == min(count, parts)
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(count))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_run_parts_uses_torch_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert compiled.threads() == 3
+        names = compiled.run_parts(lambda a, b: (a, b, __import__("threading").current_thread().name),
+                                   compiled.split(9, compiled.threads()))
+    finally:
+        torch.set_num_threads(threads)
+    assert [n[:2] for n in names] == [(0, 3), (3, 6), (6, 9)]
+    assert names[0][2] == "MainThread" and all(n[2].startswith("recbole-ssm") for n in names[1:])
+
+
+def _scan_in_child(queue):
+    torch.set_num_threads(2)
+    inputs = random_inputs(batch=4, length=9)
+    got = selective_scan(**inputs, delta_softplus=True, backend="numba")
+    queue.put(float((got - recurrence(**inputs, delta_softplus=True)).abs().max()))
+
+
+def test_forked_process_runs_the_kernels_on_threads():
+    """A process forked after the parent used the thread pool (as DataLoader workers are) runs the
+    kernels on threads of its own instead of waiting for the parent's."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        selective_scan(**random_inputs(batch=4, length=9), delta_softplus=True, backend="numba")
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_scan_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked process hung in the compiled kernels")
+    assert child.exitcode == 0 and queue.get(timeout=5) < 1e-10
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **env})
+
+
+def test_numba_is_imported_on_first_use_only():
+    result = run_python("""
+        import sys, torch
+        import recbole_ssm
+        from recbole_ssm.modules.mamba import MambaBlock
+        block = MambaBlock(8, d_state=4)
+        assert "numba" not in sys.modules, "imported with the package"
+        block(torch.randn(2, 5, 8))
+        assert "numba" in sys.modules
+    """)
+    assert result.returncode == 0, result.stderr
+
+
+def test_without_numba_auto_warns_once_and_numba_fails_clearly():
+    result = run_python("""
+        import sys, warnings
+        sys.modules["numba"] = None        # as if Numba were not installed
+        import torch
+        from recbole_ssm.ops.selective_scan import selective_scan
+        from recbole_ssm.ops.ssd import ssd_scan
+        from tests.selective_scan_reference import random_inputs, recurrence
+        inputs = random_inputs(length=9)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = selective_scan(**inputs, delta_softplus=True)
+            selective_scan(**inputs, delta_softplus=True)
+            x = torch.randn(1, 4, 2, 3); dt = torch.rand(1, 4, 2); A = -torch.rand(2)
+            ssd_scan(x, dt, A, torch.randn(1, 4, 1, 5), torch.randn(1, 4, 1, 5), 2)
+        assert (got - recurrence(**inputs, delta_softplus=True)).abs().max() < 1e-10
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1, messages
+        assert "compiled CPU kernels are not available" in messages[0] and "pip install numba" in messages[0]
+        try:
+            selective_scan(**inputs, backend="numba")
+        except RuntimeError as error:
+            assert "ssm backend 'numba' is not available" in str(error), error
+        else:
+            raise AssertionError("backend numba ran without Numba")
+        print("ok")
+    """, PYTHONPATH=os.getcwd())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_numba_backend_refuses_other_devices():
+    inputs = {k: v.to("meta") for k, v in random_inputs(length=3).items()}
+    with pytest.raises(RuntimeError, match="'numba' runs on the CPU, got a tensor on meta"):
+        selective_scan(**inputs, backend="numba")
+
+
+def test_kernels_are_cached_on_disk(tmp_path):
+    """Compiled once, loaded from NUMBA_CACHE_DIR afterwards (Numba's own choice without it: next to
+    the sources when writable, else a per-user folder)."""
+    code = """
+        import torch
+        from recbole_ssm.ops.selective_scan import selective_scan
+        from recbole_ssm.ops.selective_scan import fused_recurrent
+        from tests.selective_scan_reference import random_inputs
+        with torch.no_grad():
+            selective_scan(**random_inputs(length=5, dtype=torch.float32), backend="numba")
+        print(len(fused_recurrent._forward.stats.cache_hits))
+    """
+    first = run_python(code, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=os.getcwd())
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split()[-1] == "0"
+    assert any(name.endswith(".nbi") for _, _, files in os.walk(tmp_path) for name in files)
+    second = run_python(code, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=os.getcwd())
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split()[-1] == "1"   # the kernel came from the cache
