@@ -1,6 +1,5 @@
 """Shared fixtures: tiny RecBole configurations and one real ml-100k load per test session; helpers
 for runs of the run_recbole console script."""
-import ast
 import copy
 import os
 import re
@@ -15,7 +14,10 @@ from recbole.data import create_dataset, data_preparation
 from recbole.quick_start import load_data_and_model
 from recbole.utils import get_model, get_trainer
 
+from recbole_ssm.ops.backend import BACKENDS
+
 MODELS = ("Mamba4Rec", "Mamba2Rec", "Hydra4Rec")
+CPU_BACKENDS = tuple(backend for backend in BACKENDS if backend != "cuda")
 
 # One intra-op thread, here and in the subprocesses the tests start: the tiny models gain nothing from
 # a second thread, and when the cores are shared with anything else, OpenMP's spinning threads make
@@ -38,12 +40,16 @@ TINY = {
 RUN_RECBOLE = os.path.join(os.path.dirname(sys.executable), "run_recbole")
 
 
-def logged_result(output, label):
-    """The metrics RecBole logged as ``label: OrderedDict(...)`` or ``label: {...}`` ("test result",
-    "best valid"), as a dict."""
-    match = re.search(rf"{label}\s*: (?:OrderedDict\((.*)\)|(\{{.*\}}))", output)
-    assert match, f"no {label!r} in the output:\n{output[-3000:]}"
-    return dict(ast.literal_eval(match.group(1) or match.group(2)))
+def logged_result(output, label="test result"):
+    """{metric: value} of the metrics RecBole logged as ``label: ...`` ("test result", "best valid"):
+    ``OrderedDict([('hit@10', 0.05), ...])``, ``OrderedDict({'hit@10': 0.05, ...})`` from Python 3.12
+    on, and ``np.float64(0.05)`` for 0.05 with NumPy 2."""
+    output = re.sub(r"\x1b\[[0-9;]*m", "", output)  # colour codes, where RecBole writes them
+    line = re.search(rf"{label}\s*: (.*)", output)
+    assert line, f"no {label!r} in the output:\n{output[-3000:]}"
+    pairs = re.findall(r"'([^']+)'(?:, |: )(?:np\.float64\()?([-+.\deE]+)", line.group(1))
+    assert pairs, f"no metrics in {line.group(0)!r}"
+    return {metric: float(value) for metric, value in pairs}
 
 
 def evaluate_checkpoint(checkpoint):
@@ -53,6 +59,21 @@ def evaluate_checkpoint(checkpoint):
     valid_result, test_result = (trainer.evaluate(data, load_best_model=False, show_progress=False)
                                  for data in (valid_data, test_data))
     return dataset, valid_result, test_result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_working_folder(tmp_path_factory):
+    """RecBole writes log/, log_tensorboard/ and saved/ into the working directory: fixtures shared by
+    several tests run in a folder of the session's, so nothing is written into the repository."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("work"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def working_folder(tmp_path, monkeypatch):
+    """Each test runs in its own folder (its tmp_path), for the same reason."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

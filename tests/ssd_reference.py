@@ -1,4 +1,5 @@
-"""Naive references shared by the SSD, Mamba-2 and Hydra tests: written for clarity, not speed."""
+"""Naive references shared by the SSD, Mamba-2 and Hydra tests (written for clarity, not speed), and the
+checks that the block tests share."""
 import torch
 
 
@@ -27,10 +28,27 @@ def ssd_recurrence(x, dt, A, B, C, D=None, initial_states=None):
     return torch.stack(ys, dim=1), state
 
 
-def perturbed(block):
-    """``block`` in float64 with its SSM parameters moved away from their initial values."""
+SSD_BLOCK_PARAMETERS = ("dt_bias", "A_log", "D", "norm.weight", "conv1d.bias")
+
+
+def perturbed(block, names=SSD_BLOCK_PARAMETERS):
+    """``block`` in float64 with the parameters ``names`` (by default the SSM parameters of the Mamba-2
+    and Hydra blocks) moved away from their initial values, where channels and heads share a value."""
     block = block.double()
     with torch.no_grad():
-        for p in (block.dt_bias, block.A_log, block.D, block.norm.weight, block.conv1d.bias):
+        for name in names:
+            p = block.get_parameter(name)
             p.add_(torch.randn_like(p) * 0.3)
     return block
+
+
+def assert_gradients_match(block, reference_forward, u, atol):
+    """The block's gradients (training path) equal those of ``reference_forward(block, u)``: with
+    respect to the input and to every parameter, for a random weighting of the outputs."""
+    weights = torch.randn(u.shape, generator=torch.Generator().manual_seed(7), dtype=u.dtype)
+    names, parameters = zip(*block.named_parameters())
+    u = u.detach().requires_grad_()
+    got = torch.autograd.grad((block(u) * weights).sum(), (u, *parameters))
+    expected = torch.autograd.grad((reference_forward(block, u) * weights).sum(), (u, *parameters))
+    for name, g, e in zip(("input", *names), got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=atol, msg=lambda m: f"gradient of {name}: {m}")

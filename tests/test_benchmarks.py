@@ -1,6 +1,7 @@
 """Smoke test of the benchmarks: every command runs end to end on tiny settings and writes sane JSON,
 Markdown and (efficiency) PNG, so that they never rot. Figures are not checked: they are benchmarks."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,11 @@ TINY = ["--models", *MODELS, "--hidden-size", "8", "--layers", "1", "--set", "d_
 
 
 def run_benchmark(module, *args):
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO_ROOT,
+    """Run ``python -m benchmarks.<module>`` in the test's own folder (RecBole writes log_tensorboard/
+    there), with the repository on the import path."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"benchmarks.{module} failed:\n{done.stderr[-4000:]}"
     return done

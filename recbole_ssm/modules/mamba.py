@@ -22,6 +22,11 @@ def inverse_softplus(x):
     return x + torch.log(-torch.expm1(-x))
 
 
+def at_least_float32(tensor):
+    """``tensor`` in float32, or in its own dtype when that is wider (float64 stays float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def sample_time_steps(size, dt_min, dt_max, dt_floor):
     """Step sizes drawn log-uniformly in [dt_min, dt_max], clamped below at dt_floor (mamba-ssm's init)."""
     dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -37,6 +42,8 @@ class MambaBlock(CausalStreaming, nn.Module):
     Its state (see :mod:`recbole_ssm.modules.streaming`): ``conv``, the last d_conv - 1 inputs of the
     convolution (batch, d_conv - 1, d_inner), and ``ssm`` (batch, d_state, d_inner): the SSM state
     transposed, as the compiled scan lays it out, so that steps pass it on without copies.
+    A_log, D and the dt bias enter the scan in float32 at least, as mamba-ssm's kernel wants them;
+    a float64 block computes everything in float64.
     """
 
     causal = True
@@ -97,8 +104,9 @@ class MambaBlock(CausalStreaming, nn.Module):
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)     # (b, l, r), (b, l, n), (b, l, n)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)      # (b, d_inner, l), bias in the scan
-        A, B, C, D = -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), self.D.float()
-        dt_bias = self.dt_proj.bias.float()
+        A = -torch.exp(at_least_float32(self.A_log))                # (d_inner, d_state)
+        B, C, D = B.transpose(1, 2), C.transpose(1, 2), at_least_float32(self.D)
+        dt_bias = at_least_float32(self.dt_proj.bias)
         if not streaming:
             y = selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
                                backend=self.backend)               # (b, d_inner, l)

@@ -1,5 +1,6 @@
 """The three models through RecBole's API, on real ml-100k batches."""
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from recbole.utils import get_model
 import recbole_ssm
 from recbole_ssm.models.base import SSMSequentialRecommender
 from recbole_ssm.modules.hydra import HydraBlock
-from tests.conftest import MODELS
+from tests.conftest import CPU_BACKENDS, MODELS
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +86,25 @@ def test_bpr_loss(make_config, ml100k, batch):
 
 
 @pytest.mark.parametrize("num_layers,residual", [(1, False), (2, True)])
-def test_residual_only_when_stacked(make_config, ml100k, num_layers, residual):
-    net = build(make_config, ml100k, "Mamba4Rec", num_layers=num_layers)
+def test_residual_only_when_stacked(make_config, ml100k, batch, num_layers, residual):
+    """Each layer computes FFN(LayerNorm(mixer(x) + x)) when layers are stacked, FFN(LayerNorm(mixer(x)))
+    for a single layer (dropout off in eval mode); the last layer at each user's last item only."""
+    net = build(make_config, ml100k, "Mamba4Rec", num_layers=num_layers).eval()
     assert len(net.layers) == num_layers
-    assert all(layer.residual is residual for layer in net.layers)
     assert all(layer.ffn.w_1.out_features == 4 * 16 for layer in net.layers)
+    calls = []
+    for layer in net.layers:
+        layer.register_forward_hook(lambda layer, inputs, output: calls.append((layer, inputs, output)))
+    item_seq_len = batch[net.ITEM_SEQ_LEN]
+    with torch.no_grad():
+        net.forward(batch[net.ITEM_SEQ], item_seq_len)
+        assert [layer for layer, _, _ in calls] == list(net.layers)
+        for layer, (x, mask), output in calls:  # positions, a keyword, are not in inputs
+            mixed = layer.mixer(x, mask)
+            expected = layer.ffn(layer.LayerNorm(mixed + x if residual else mixed))  # (b, l, d) all positions
+            if layer is net.layers[-1]:
+                expected = expected[torch.arange(len(item_seq_len)), item_seq_len - 1]  # (b, d)
+            torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -101,8 +118,22 @@ def test_parameter_counts_printed(make_config, ml100k, model):
     assert f"Trainable parameters without embeddings: {without}" in text
 
 
-def representations(net, item_seq, item_seq_len):
-    return net.forward(item_seq, item_seq_len)
+def readme_parameter_counts():
+    """{model: (parameters, parameters without the item embedding)} from the README's table."""
+    rows = re.findall(r"^\| (\w+)[^|]* \| ([\d,]+) \| ([\d,]+) \|$", README.read_text(), re.MULTILINE)
+    return {model: (int(total.replace(",", "")), int(without.replace(",", ""))) for model, total, without in rows}
+
+
+@pytest.mark.parametrize("model", [*MODELS, "SASRec"])
+def test_parameter_counts_in_readme(ml100k, model):
+    """The README's parameter counts: packaged (or RecBole's) defaults, ml-100k's 1,683 item ids."""
+    counts = readme_parameter_counts()
+    assert set(counts) == {*MODELS, "SASRec"}
+    config = Config(model=model, dataset="ml-100k", config_dict={"train_neg_sample_args": None})  # CE
+    net = get_model(model)(config, ml100k[1]._dataset)
+    total = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert net.item_embedding.num_embeddings == 1683
+    assert counts[model] == (total, total - net.item_embedding.weight.numel())
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -125,27 +156,43 @@ def test_cpu_backends_agree(make_config, ml100k, batch, model):
         torch.testing.assert_close(grads["numba"][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("model", MODELS)
-def test_padding_and_batch_invariance(make_config, ml100k, batch, model, backend):
-    """Train-mode numerics with dropout off: a user's representation does not depend on how much
-    padding follows the sequence, nor on the other users in the batch."""
-    net = build(make_config, ml100k, model, dropout_prob=0.0, ssm_backend=backend).train()
-    item_seq, item_seq_len = batch[net.ITEM_SEQ], batch[net.ITEM_SEQ_LEN]
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [False, True], ids=["no_grad", "training"])
+def test_padding_and_batch_invariance(make_config, ml100k, batch, model, backend, training):
+    """Train mode with dropout off, without autograd and with it (training: the chunked scans, whose
+    chunks change with the padded length): a user's representation does not depend on how much
+    padding follows the sequence, nor on the other users in the batch; in training, the gradients
+    of the parameters do not depend on the padding either. In float64, so that any dependence shows
+    above rounding."""
+    net = build(make_config, ml100k, model, dropout_prob=0.0, ssm_backend=backend).double().train()
+    item_seq, item_seq_len = batch[net.ITEM_SEQ][:256], batch[net.ITEM_SEQ_LEN][:256]
     assert item_seq_len.min() < item_seq.shape[1]  # the batch really has padding
-    with torch.no_grad():
-        reference = representations(net, item_seq, item_seq_len)
+    weights = torch.randn(len(item_seq), net.hidden_size, generator=torch.Generator().manual_seed(0),
+                          dtype=torch.float64)
+
+    def assert_same_representations(item_seq, item_seq_len, rows=slice(None)):
+        torch.testing.assert_close(net.forward(item_seq, item_seq_len), reference[rows], rtol=0, atol=1e-10)
+
+    def gradients(item_seq):
+        return torch.autograd.grad((net.forward(item_seq, item_seq_len) * weights).sum(), list(net.parameters()))
+
+    with torch.set_grad_enabled(training):
+        reference = net.forward(item_seq, item_seq_len)
         for extra in (3, 17):
-            padded = F.pad(item_seq, (0, extra))
-            torch.testing.assert_close(representations(net, padded, item_seq_len), reference,
-                                       rtol=1e-5, atol=1e-5)
+            assert_same_representations(F.pad(item_seq, (0, extra)), item_seq_len)
         for row in range(0, len(item_seq), 37):  # each user alone, with no padding at all
             length = int(item_seq_len[row])
-            alone = representations(net, item_seq[row:row + 1, :length], item_seq_len[row:row + 1])
-            torch.testing.assert_close(alone, reference[row:row + 1], rtol=1e-5, atol=1e-5)
+            assert_same_representations(item_seq[row:row + 1, :length], item_seq_len[row:row + 1],
+                                        slice(row, row + 1))
         half = len(item_seq) // 2
-        torch.testing.assert_close(representations(net, item_seq[half:], item_seq_len[half:]),
-                                   reference[half:], rtol=1e-5, atol=1e-5)
+        assert_same_representations(item_seq[half:], item_seq_len[half:], slice(half, None))
+        if training:
+            expected = gradients(item_seq)
+            for name, grad, expected_grad in zip(dict(net.named_parameters()), gradients(F.pad(item_seq, (0, 17))),
+                                                 expected):
+                torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10,
+                                           msg=lambda message: f"gradient of {name}: {message}")
 
 
 def test_padding_would_leak_into_hydra_without_the_mask():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.modules.hydra import HydraBlock
-from tests.ssd_reference import perturbed, ssd_recurrence
+from tests.ssd_reference import assert_gradients_match, perturbed, ssd_recurrence
 
 D_MODEL, D_STATE, HEADDIM, NGROUPS, D_CONV = 8, 4, 4, 2, 5
 D_INNER, NHEADS = 16, 4
@@ -71,6 +71,12 @@ def test_matches_reference_forward(length):
     y = block(u)
     assert y.shape == u.shape
     torch.testing.assert_close(y, reference_forward(block, u), rtol=0, atol=1e-10)
+
+
+def test_gradients_match_reference():
+    """The training path (chunked scans, chunks of 3 over 8 positions) differentiates as the reference."""
+    assert_gradients_match(make_block(), reference_forward, torch.randn(2, 8, D_MODEL, dtype=torch.float64),
+                           atol=1e-10)
 
 
 def test_chunk_size_invariance():

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.modules.norm import RMSNormGated
+from tests.conftest import CPU_BACKENDS
 
 
 def rms(v, eps=1e-5):
@@ -44,16 +45,6 @@ def test_gated_rmsnorm(group_size, backend):
                     torch.testing.assert_close(got_grad, ref_grad, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("norm_before_gate", [True, False])
-def test_compiled_gradcheck(norm_before_gate):
-    torch.manual_seed(1)
-    x, z = (torch.randn(3, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    norm = RMSNormGated(6, group_size=3, norm_before_gate=norm_before_gate, backend="numba")
-    assert torch.autograd.gradcheck(
-        lambda x, z, w: torch.func.functional_call(norm, {"weight": w}, (x, z)), (x, z, weight))
-
-
 def test_half_precision_input_is_computed_in_float32():
     x = torch.randn(3, 8).to(torch.bfloat16)
     y = RMSNormGated(8)(x, x)
@@ -64,3 +55,20 @@ def test_half_precision_input_is_computed_in_float32():
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="group_size"):
         RMSNormGated(10, group_size=4)
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck(group_size, norm_before_gate, gated, backend):
+    """Gradients with respect to x, z and the weight."""
+    generator = torch.Generator().manual_seed(0)
+    norm = RMSNormGated(6, group_size=group_size, norm_before_gate=norm_before_gate, backend=backend).double()
+    x, z, weight = (torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+                    for shape in ((2, 3, 6), (2, 3, 6), (6,)))
+
+    def normalise(x, weight, z=None):
+        return torch.func.functional_call(norm, {"weight": weight}, (x, z))
+
+    assert torch.autograd.gradcheck(normalise, (x, weight, z) if gated else (x, weight))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ import torch
 from recbole_ssm.ops import compiled
 from recbole_ssm.ops.selective_scan import selective_scan
 from tests.selective_scan_reference import random_inputs, recurrence
+
+# On the import path of the scripts that import tests.*: they run in the test's own folder.
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def float32_grid(low, high, count=2_000_001):
@@ -162,7 +166,7 @@ def test_without_numba_auto_warns_once_and_numba_fails_clearly():
         else:
             raise AssertionError("backend numba ran without Numba")
         print("ok")
-    """, PYTHONPATH=os.getcwd())
+    """, PYTHONPATH=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -185,10 +189,10 @@ def test_kernels_are_cached_on_disk(tmp_path):
             selective_scan(**random_inputs(length=5, dtype=torch.float32), backend="numba")
         print(len(fused_recurrent._forward.stats.cache_hits))
     """
-    first = run_python(code, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=os.getcwd())
+    first = run_python(code, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=REPO_ROOT)
     assert first.returncode == 0, first.stderr
     assert first.stdout.split()[-1] == "0"
     assert any(name.endswith(".nbi") for _, _, files in os.walk(tmp_path) for name in files)
-    second = run_python(code, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=os.getcwd())
+    second = run_python(code, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=REPO_ROOT)
     assert second.returncode == 0, second.stderr
     assert second.stdout.split()[-1] == "1"   # the kernel came from the cache
