@@ -4,6 +4,7 @@ import torch
 
 from recbole_ssm.ops.hydra import hydra_mixer
 from recbole_ssm.ops.ssd import fused_recurrent
+from tests.conftest import CPU_BACKENDS
 from tests.ssd_reference import heads
 
 F64 = torch.float64
@@ -46,7 +47,7 @@ def quasiseparable(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D):
     return torch.einsum("bhts,bshp->bthp", Q, x)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("b, l, chunk_size, g, data_dependent_D", [
     (2, 6, 2, 2, True), (2, 7, 3, 1, True), (2, 5, 16, 4, False), (2, 1, 4, 2, True), (1, 9, 4, 2, True),
 ])
@@ -57,7 +58,7 @@ def test_matches_quasiseparable_matrix(b, l, chunk_size, g, data_dependent_D, ba
     torch.testing.assert_close(y, quasiseparable(**inputs), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_padding_invariance(backend):
     """Positions appended with mask False change nothing at the real ones; their outputs are 0."""
     real = make_inputs(b=1, l=5)
@@ -74,7 +75,7 @@ def test_padding_invariance(backend):
         assert (y[:, 5:] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mask_matches_matrix_on_the_real_part(backend):
     inputs = make_inputs(b=2, l=7)
     mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
@@ -84,7 +85,7 @@ def test_mask_matches_matrix_on_the_real_part(backend):
     torch.testing.assert_close(y[0], quasiseparable(**inputs)[0], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
 def test_padding_on_both_sides_is_removing_it(chunk_size, backend):
     """Padding before and after the real positions acts as if it were not there; its outputs are 0."""
@@ -98,7 +99,7 @@ def test_padding_on_both_sides_is_removing_it(chunk_size, backend):
         assert (y[i, ~mask[i]] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck(backend, monkeypatch):
     """Gradients of every input; the compiled backward in chunks of 2 positions (several chunks per
     direction, the reversed one included)."""
