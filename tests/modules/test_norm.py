@@ -72,3 +72,22 @@ def test_gradcheck(group_size, norm_before_gate, gated, backend):
         return torch.func.functional_call(norm, {"weight": weight}, (x, z))
 
     assert torch.autograd.gradcheck(normalise, (x, weight, z) if gated else (x, weight))
+
+
+def test_auto_takes_the_compiled_kernel_for_large_inputs_only(monkeypatch):
+    """``auto`` on the CPU: PyTorch below COMPILED_MIN_ELEMENTS (faster there), the compiled kernel
+    from it on; ``numba`` always takes the kernel."""
+    from recbole_ssm.ops import gated_rmsnorm as op
+    from recbole_ssm.ops.gated_rmsnorm import fused
+
+    calls = []
+    kernel = fused.gated_rmsnorm_fused
+    monkeypatch.setattr(fused, "gated_rmsnorm_fused", lambda *args: calls.append(args[0].numel()) or kernel(*args))
+    d = 64
+    small = torch.randn(op.COMPILED_MIN_ELEMENTS // d - 1, d)
+    large = torch.randn(op.COMPILED_MIN_ELEMENTS // d, d)
+    weight = torch.rand(d)
+    for x, backend in ((small, "auto"), (large, "auto"), (small, "numba")):
+        got = op.gated_rmsnorm(x, weight, z=x.flip(-1), backend=backend)
+        torch.testing.assert_close(got, op.gated_rmsnorm_torch(x, weight, x.flip(-1)), rtol=1e-5, atol=1e-5)
+    assert calls == [large.numel(), small.numel()]
