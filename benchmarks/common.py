@@ -278,15 +278,19 @@ def write_text(path, text):
     return path
 
 
-def write_reports(report, stem, render_markdown, plot):
-    """``<stem>.md`` (``render_markdown(report)``, also printed) and ``<stem>.png`` (``plot(report, path)``)."""
+def write_reports(report, stem, render_markdown, plot=None):
+    """``<stem>.md`` (``render_markdown(report)``, also printed) and, given ``plot``, ``<stem>.png``
+    (``plot(report, path)``)."""
     markdown = render_markdown(report)
     write_text(Path(stem).with_suffix(".md"), markdown)
-    try:
-        plot(report, Path(stem).with_suffix(".png"))
-        progress(f"wrote {stem}.md and {stem}.png")
-    except ImportError as error:  # matplotlib is in the [bench] extra, not a requirement
-        progress(f"wrote {stem}.md; NOT {stem}.png: {error} (pip install -e .[bench])")
+    if plot is None:
+        progress(f"wrote {stem}.md")
+    else:
+        try:
+            plot(report, Path(stem).with_suffix(".png"))
+            progress(f"wrote {stem}.md and {stem}.png")
+        except ImportError as error:  # matplotlib is in the [bench] extra, not a requirement
+            progress(f"wrote {stem}.md; NOT {stem}.png: {error} (pip install -e .[bench])")
     print(markdown)
 
 

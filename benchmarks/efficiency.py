@@ -20,7 +20,6 @@ import ctypes
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile

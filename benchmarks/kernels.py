@@ -193,8 +193,7 @@ def main(argv=None):
     report["rows"] = measure(args)
     stem = args.output_dir / "kernels"
     common.write_json(stem.with_suffix(".json"), report)
-    common.write_text(stem.with_suffix(".md"), render_markdown(report))
-    print(render_markdown(report))
+    common.write_reports(report, stem, render_markdown)
     return 0
 
 

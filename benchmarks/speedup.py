@@ -166,8 +166,7 @@ def main(argv=None):
                     for m, v in models.items()))
     stem = args.output_dir / "speedup"
     common.write_json(stem.with_suffix(".json"), report)
-    common.write_text(stem.with_suffix(".md"), render_markdown(report))
-    print(render_markdown(report))
+    common.write_reports(report, stem, render_markdown)
     return 0
 
 

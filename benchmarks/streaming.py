@@ -19,7 +19,6 @@ warm-up call each, then --min-repeats rounds in which each runs for about --seco
 streaming.md and streaming.png into --output-dir.
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile

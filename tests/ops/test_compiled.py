@@ -1,5 +1,4 @@
 """What the compiled kernels share: their exp and softplus, threads, loading, fallback and cache."""
-import math
 import multiprocessing
 import os
 import subprocess
