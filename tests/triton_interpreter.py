@@ -15,7 +15,10 @@ Only what the GPU provides around the kernels is stood in for, never the kernels
     CPU tensor) is a null context, and ``torch.cuda.get_device_properties`` reports a multiprocessor
     count (the backward kernels size their grids with it);
   - each autotuned kernel keeps its first configuration: the autotuner would time every one on a GPU;
-  - the dispatch sees CPU tensors as CUDA ones (``backend.device_type``), as in the contract tests.
+  - the dispatch sees CPU tensors as CUDA ones (``backend.device_type``), as in the contract tests;
+  - the interpreter's ``int()`` of a scalar held in a one-element array (a ``range`` bound in a kernel)
+    goes through ``.item()``: Triton 3.6 calls ``int(array)``, which NumPy >= 2.5 refuses (the GPU
+    image has NumPy 2.5, as has our Python 3.12 CI stage).
 """
 import contextlib
 import sys
@@ -139,6 +142,16 @@ def stand_in_for_the_gpu(sources):
                     if isinstance(value, Autotuner):
                         value.configs = value.configs[:1]
                     value = value.fn
+
+    from triton.runtime import interpreter
+
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor_for_numpy2(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor_for_numpy2
 
     from recbole_ssm.ops import backend
 
