@@ -294,6 +294,12 @@ def write_reports(report, stem, render_markdown, plot=None):
     print(markdown)
 
 
+def save_reports(report, stem, render_markdown, plot=None):
+    """A finished run: ``<stem>.json`` (the report itself), then :func:`write_reports`."""
+    write_json(Path(stem).with_suffix(".json"), report)
+    write_reports(report, stem, render_markdown, plot)
+
+
 def rewrite_reports(json_path, render_markdown, plot):
     """--from-json: the Markdown and PNG of an earlier run's JSON, written next to it."""
     write_reports(json.loads(Path(json_path).read_text()), Path(json_path).with_suffix(""), render_markdown, plot)

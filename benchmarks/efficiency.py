@@ -484,9 +484,7 @@ def main(argv=None):
         report["cells"] = run_all(args, overrides, data_root)
     # RecBole counts the padding item 0 too
     report["n_items"] = next((c["n_items"] for c in report["cells"] if c["status"] == "ok"), None)
-    stem = args.output_dir / "efficiency"
-    common.write_json(stem.with_suffix(".json"), report)
-    common.write_reports(report, stem, render_markdown, plot)
+    common.save_reports(report, args.output_dir / "efficiency", render_markdown, plot)
     return 1 if any(c["status"] == "failed" for c in report["cells"]) else 0
 
 

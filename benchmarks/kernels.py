@@ -191,9 +191,7 @@ def main(argv=None):
               "machine": common.machine_info("cpu")}
     report["first_calls"] = measure_first_calls()
     report["rows"] = measure(args)
-    stem = args.output_dir / "kernels"
-    common.write_json(stem.with_suffix(".json"), report)
-    common.write_reports(report, stem, render_markdown)
+    common.save_reports(report, args.output_dir / "kernels", render_markdown)
     return 0
 
 

@@ -164,9 +164,7 @@ def main(argv=None):
                 common.progress(f"{threads} thread(s), {kind} {batch_size}x{length}: " + ", ".join(
                     f"{m} {v['cpu_ms']['median']:.0f} ms CPU ({ref / v['cpu_ms']['median']:.2f}x)"
                     for m, v in models.items()))
-    stem = args.output_dir / "speedup"
-    common.write_json(stem.with_suffix(".json"), report)
-    common.write_reports(report, stem, render_markdown)
+    common.save_reports(report, args.output_dir / "speedup", render_markdown)
     return 0
 
 

@@ -408,9 +408,7 @@ def main(argv=None):
             "models": {name: state_bytes_per_user(models[name][0]) for name in args.models},
         }
         report["cells"] = run_all(args, models)
-    stem = args.output_dir / "streaming"
-    common.write_json(stem.with_suffix(".json"), report)
-    common.write_reports(report, stem, render_markdown, plot)
+    common.save_reports(report, args.output_dir / "streaming", render_markdown, plot)
     return 0
 
 
