@@ -11,6 +11,7 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
+from recbole_ssm.ops.conv.shifted import padding
 
 
 @njit(**JIT_OPTIONS)
@@ -117,7 +118,5 @@ class _FusedConv(torch.autograd.Function):
 def depthwise_conv1d_fused(x, weight, bias=None, causal=True, activation="silu"):
     """The depthwise convolution by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.conv.depthwise_conv1d` (CPU tensors; float32, or float64 for float64 x)."""
-    width = weight.shape[-1]
-    if not causal and width % 2 == 0:
-        raise ValueError(f"a centred convolution needs an odd width, got {width}")
-    return _FusedConv.apply(x, weight, bias, width - 1 if causal else width // 2, activation == "silu")
+    before, _ = padding(weight.shape[-1], causal)
+    return _FusedConv.apply(x, weight, bias, before, activation == "silu")

@@ -4,16 +4,21 @@ import torch
 import torch.nn.functional as F
 
 
+def padding(width, causal):
+    """(before, after): the zeros a convolution of ``width`` taps reads around the sequence, causal
+    (width - 1 before) or centred (width // 2 on each side; an odd width only)."""
+    if causal:
+        return width - 1, 0
+    if width % 2 == 0:
+        raise ValueError(f"a centred convolution needs an odd width, got {width}")
+    return width // 2, width // 2
+
+
 def depthwise_conv1d_torch(x, weight, bias=None, causal=True, activation="silu"):
     """Arguments as :func:`recbole_ssm.ops.conv.depthwise_conv1d`. Returns (batch, channels, length) in
     x's dtype, under autocast too (as causal-conv1d does, whose output has its input's dtype)."""
     length, width = x.shape[-1], weight.shape[-1]
-    if causal:
-        before, after = width - 1, 0
-    else:
-        if width % 2 == 0:
-            raise ValueError(f"a centred convolution needs an odd width, got {width}")
-        before = after = width // 2
+    before, after = padding(width, causal)
     # Channels last, (batch, length, channels): the layout our blocks' projections produce, so the
     # transposes are free, and every tap reads a contiguous run.
     padded = F.pad(x.transpose(1, 2), (0, 0, before, after))            # (b, l + width - 1, c)
