@@ -30,8 +30,9 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_fin
         out = cuda.ssd_scan(x, dt, A, B, C, chunk_size, D, initial_states, return_final_states)
     elif use_compiled(backend, x):
         # On a CPU the compiled recurrence beats the chunked matrix products at every shape measured
-        # (benchmarks/kernels.py; 1.4x to 6x, inference and training, length 50 to 2000, batch 1 to
-        # 2048): PyTorch's chunked form pays for many small operations and for padding to whole chunks.
+        # (python -m benchmarks.kernels: 2.3x to 7.6x, forward and forward + backward, batch x length
+        # 2048 x 50, 256 x 200, 8 x 200, 8 x 2000, 1 x 2000): PyTorch's chunked form pays for many
+        # small operations and for padding to whole chunks.
         from recbole_ssm.ops.ssd.fused_recurrent import ssd_scan_fused
 
         check_shapes(x, dt, A, B, C, chunk_size)

@@ -179,6 +179,7 @@ class _FusedScans(torch.autograd.Function):
         grad_y = grad_y.to(x.dtype).contiguous()
         dx = torch.zeros_like(x)
         d_initial = [torch.empty_like(initial) for _ in ctx.reverse]
+        # Per direction: ddt is written at every position, dB and dC are accumulated into.
         d_scans = [torch.empty_like(t) if i % 3 == 0 else torch.zeros_like(t) for i, t in enumerate(scans)]
         grad_finals = [torch.zeros_like(initial) if g is None else g.to(x.dtype).contiguous() for g in grad_finals]
         x_np, A_np, D_np, initial_np, grad_y_np, dx_np = (t.numpy() for t in (x, A, D_hp, initial, grad_y, dx))
