@@ -184,37 +184,59 @@ def _release_free_heap():
         pass
 
 
-def measure_cell(spec):
-    """Build one model at one length and measure it; the dict that the parent records."""
-    import torch
+def build_cell(spec):
+    """A cell's RecBole config, dataset, batch transform and model (seeded), built in RecBole's order:
+    the transform before the model, since BERT4Rec's sets the config keys that its model reads."""
     from recbole.data import create_dataset
     from recbole.data.transform import construct_transform
     from recbole.utils import init_seed
 
-    start = time.perf_counter()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     config = cell_config(spec)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
-    transform = construct_transform(config)  # BERT4Rec: sets its mask keys, masks the train batch
-    model = common.build_model(config, dataset)
-    device = config["device"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    n_items = dataset.num(config["ITEM_ID_FIELD"])
-    batch = synthetic_batch(config, n_items, spec["batch_size"], spec["length"], device)
-    single_user = synthetic_batch(config, n_items, 1, spec["length"], device)
-    train_batch = transform(dataset, synthetic_batch(config, n_items, spec["batch_size"],
-                                                     spec["length"], device))
+    transform = construct_transform(config)  # BERT4Rec: masks the training batch
+    return config, dataset, transform, common.build_model(config, dataset)
 
-    def infer(interaction):
+
+def inference_of(model, interaction):
+    """The timed inference call: ``full_sort_predict`` on ``interaction`` without gradients (the
+    caller puts the model in evaluation mode)."""
+    import torch
+
+    def infer():
         with torch.no_grad():
             model.full_sort_predict(interaction)
+    return infer
+
+
+def train_step_of(model, interaction):
+    """The timed training step on ``interaction`` (already transformed): loss, backward and a step of
+    an Adam optimizer of its own (the caller puts the model in training mode)."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        model.calculate_loss(train_batch).backward()
+        model.calculate_loss(interaction).backward()
         optimizer.step()
+    return train_step
+
+
+def measure_cell(spec):
+    """Build one model at one length and measure it; the dict that the parent records."""
+    import torch
+
+    start = time.perf_counter()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    config, dataset, transform, model = build_cell(spec)
+    device = config["device"]
+    n_items = dataset.num(config["ITEM_ID_FIELD"])
+    infer_batch = inference_of(model, synthetic_batch(config, n_items, spec["batch_size"], spec["length"], device))
+    infer_single_user = inference_of(model, synthetic_batch(config, n_items, 1, spec["length"], device))
+    train_step = train_step_of(model, transform(dataset, synthetic_batch(config, n_items, spec["batch_size"],
+                                                                         spec["length"], device)))
 
     result = {"n_items": n_items, **common.count_parameters(model),
               "architecture": common.width_depth_of(config, spec["model"]),
@@ -222,13 +244,13 @@ def measure_cell(spec):
     # Warm up every path (lazy initialisation, Adam's state), then measure memory, then time.
     for _ in range(spec["warmup"]):
         model.eval()
-        infer(batch)
-        infer(single_user)
+        infer_batch()
+        infer_single_user()
         model.train()
         train_step()
     model.eval()
     with PeakMemory(device) as inference_memory:
-        infer(batch)
+        infer_batch()
     model.train()
     with PeakMemory(device) as train_memory:
         train_step()
@@ -238,9 +260,9 @@ def measure_cell(spec):
     repeats = spec["repeats"]
     model.eval()
     result["inference_batch_ms"] = common.summarize_ms(
-        common.time_repeated(lambda: infer(batch), repeats, 0, device))
+        common.time_repeated(infer_batch, repeats, 0, device))
     result["inference_single_ms"] = common.summarize_ms(
-        common.time_repeated(lambda: infer(single_user), repeats, 0, device))
+        common.time_repeated(infer_single_user, repeats, 0, device))
     model.train()
     result["train_step_ms"] = common.summarize_ms(
         common.time_repeated(train_step, repeats, 0, device))

@@ -60,36 +60,17 @@ def parse_args(argv=None):
 
 
 def build_call(model_name, kind, batch_size, length, args, overrides, data_root):
-    """The model at this shape and a function doing one call of ``kind`` on its synthetic batch."""
-    import torch
-    from recbole.data import create_dataset
-    from recbole.data.transform import construct_transform
-    from recbole.utils import init_seed
-
+    """The model at this shape, built as the efficiency benchmark builds it, and its timed call of
+    ``kind`` on a synthetic batch."""
     spec = {"model": model_name, "length": length, "data_root": data_root, "hidden_size": args.hidden_size,
             "layers": args.layers, "device": "cpu", "overrides": overrides}
-    config = efficiency.cell_config(spec)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
-    model = common.build_model(config, dataset)
-    n_items = dataset.num(config["ITEM_ID_FIELD"])
-    interaction = efficiency.synthetic_batch(config, n_items, batch_size, length, "cpu")
+    config, dataset, transform, model = efficiency.build_cell(spec)
+    interaction = efficiency.synthetic_batch(config, dataset.num(config["ITEM_ID_FIELD"]), batch_size, length, "cpu")
     if kind == "infer":
         model.eval()
-
-        def call():
-            with torch.no_grad():
-                model.full_sort_predict(interaction)
-        return call
-    interaction = construct_transform(config)(dataset, interaction)  # BERT4Rec masks its batch
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return efficiency.inference_of(model, interaction)
     model.train()
-
-    def call():
-        optimizer.zero_grad(set_to_none=True)
-        model.calculate_loss(interaction).backward()
-        optimizer.step()
-    return call
+    return efficiency.train_step_of(model, transform(dataset, interaction))
 
 
 def measure_shape(kind, batch_size, length, threads, args, overrides, data_root):
