@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.efficiency import SYNTHETIC_DATASET, write_synthetic_dataset
+from benchmarks.efficiency import cell_config, write_synthetic_dataset
 
 STREAMING_MODELS = ("Mamba4Rec", "Mamba2Rec")
 TARGETS = {  # (what, value) the issue asks for
@@ -113,12 +113,9 @@ def build_models(args, overrides, data_root):
 
     models = {}
     for name in [*args.models, args.reference]:
-        base = {"data_path": str(data_root), "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id",
-                "TIME_FIELD": "timestamp", "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-                "MAX_ITEM_LIST_LENGTH": max(args.lengths), "loss_type": "CE", "train_neg_sample_args": None,
-                "seed": 2020, "reproducibility": False, "show_progress": False, "log_wandb": False}
-        config = common.make_config(name, SYNTHETIC_DATASET, [], base, args.hidden_size, args.layers, "cpu",
-                                    overrides)
+        config = cell_config({"model": name, "length": max(args.lengths), "data_root": str(data_root),
+                              "hidden_size": args.hidden_size, "layers": args.layers, "device": "cpu",
+                              "overrides": overrides})
         torch.manual_seed(0)
         dataset = create_dataset(config)
         models[name] = (common.build_model(config, dataset).eval(), dataset, config)
