@@ -73,7 +73,11 @@ covered by ``tests/test_compat.py`` (5 to 7 by ``tests/test_compat_numpy2.py``, 
       and the other ranks could see the dataset folder appear mid-download and load it partly.
       The barrier is now only in multi-process runs, and there rank 0 downloads a missing dataset,
       then each other machine's local rank 0 if it is still missing there, before any rank loads.
+   i. No process left its process group, and a gloo process that exits without leaving it can die
+      of SIGABRT in the interpreter's shutdown (half of the two-rank test runs here), so a finished
+      run reported a failure: each process leaves it at exit.
 """
+import atexit
 import contextlib
 import datetime
 import enum
@@ -413,6 +417,15 @@ def join_process_group(backend, rank, world_size, ip, port, timeout=None):
         raise DistributedSetupError(
             f"rank {rank} could not join the process group at {address}: {reason} ({error})"
         ) from error
+    atexit.register(leave_process_group)
+
+
+def leave_process_group():
+    """``destroy_process_group()`` if this process is still in one. A process that exits without
+    it can die of SIGABRT while the interpreter shuts down ("terminate called without an active
+    exception": gloo's threads outlive it), which fails a finished run; registered at exit."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def init_device(self):

@@ -173,6 +173,18 @@ def test_join_port_in_use(busy_port):
     assert not torch.distributed.is_initialized()
 
 
+def test_a_joined_process_leaves_its_group_at_exit(monkeypatch):
+    """A gloo process that exits in its process group can die of SIGABRT in the interpreter's
+    shutdown: joining registers the exit handler that leaves it."""
+    at_exit = []
+    monkeypatch.setattr(compat.atexit, "register", at_exit.append)
+    compat.join_process_group("gloo", 0, 1, "127.0.0.1", free_port(), timeout=10)
+    assert torch.distributed.is_initialized() and at_exit == [compat.leave_process_group]
+    at_exit[0]()
+    assert not torch.distributed.is_initialized()
+    at_exit[0]()  # after the run left it on its own: nothing to do
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_join_alone_times_out(rank):
     """A rank whose partner never starts gets an error after ddp_timeout, not a hang."""
