@@ -76,10 +76,14 @@ class SSDBlockBase(nn.Module):
         convolution's input at padded positions. Returns z (b, l, d_inner); xBC (b, l, d_inner + bc_dim),
         the convolution's input; dt (b, l, directions, nheads) after softplus(dt + dt_bias).
         """
-        z, xBC, dt = torch.split(self.in_proj(hidden_states),
-                                 [self.d_inner, self.conv1d.in_channels, self.directions * self.nheads], dim=-1)
         if mask is not None:
-            xBC = xBC.masked_fill(~mask.unsqueeze(-1), 0)
+            # in_proj has no bias, so xBC is 0 at padded positions; z and dt there reach no real position
+            # (the scans skip padded positions). d_model columns to mask instead of conv_dim.
+            hidden_states = hidden_states.masked_fill(~mask.unsqueeze(-1), 0)
+        # One product per part of in_proj, each a contiguous array (the compiled kernels' layout): no
+        # copies of column slices, and no concatenation of the parts' gradients.
+        weights = self.in_proj.weight.split([self.d_inner, self.conv1d.in_channels, self.directions * self.nheads])
+        z, xBC, dt = (F.linear(hidden_states, weight) for weight in weights)
         dt = F.softplus(dt.unflatten(-1, (self.directions, self.nheads)) + self.dt_bias)
         return z, xBC, dt
 

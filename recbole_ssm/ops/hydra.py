@@ -31,6 +31,15 @@ def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size,
     real position: padded positions neither change a state nor contribute, in either direction, and
     their outputs are 0. Returns y (b, l, h, p) in x's dtype.
     """
+    if use_compiled(backend, x):
+        from recbole_ssm.ops.ssd.fused_recurrent import shifted_bidirectional_scans_fused
+
+        # The scans skip padded positions and leave them 0; so does the diagonal, 0 there.
+        y = shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, mask)
+        if mask is not None:
+            D = torch.where(mask[..., None], D, 0)  # (b, l, h)
+        return (y + x * D.unsqueeze(-1)).to(x.dtype)
+
     b = x.shape[0]
     if mask is not None:
         # A padded position neither changes a state (dt = 0) nor reads one out (C = 0): the scans' outputs
@@ -40,17 +49,12 @@ def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size,
         dt_fwd, dt_bwd = dt_fwd.masked_fill(pad, 0), dt_bwd.masked_fill(pad, 0)
         C_fwd, C_bwd = C_fwd.masked_fill(pad[..., None], 0), C_bwd.masked_fill(pad[..., None], 0)
 
-    if use_compiled(backend, x):
-        from recbole_ssm.ops.ssd.fused_recurrent import shifted_bidirectional_scans_fused
+    def both(fwd, bwd):  # the forward sequences, then the reversed ones, along the batch: (2b, l, ...)
+        return torch.cat([fwd, bwd.flip(1)])
 
-        y = shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd)
-    else:
-        def both(fwd, bwd):  # the forward sequences, then the reversed ones, along the batch: (2b, l, ...)
-            return torch.cat([fwd, bwd.flip(1)])
-
-        y = ssd_scan(both(x, x), both(dt_fwd, dt_bwd), A, both(B_fwd, B_bwd), both(C_fwd, C_bwd), chunk_size,
-                     backend=backend)  # (2b, l, h, p)
-        y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))  # shift one step later: y[t] <- y[t-1], y[0] <- 0
-        y = y[:b] + y[b:].flip(1)
+    y = ssd_scan(both(x, x), both(dt_fwd, dt_bwd), A, both(B_fwd, B_bwd), both(C_fwd, C_bwd), chunk_size,
+                 backend=backend)  # (2b, l, h, p)
+    y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))  # shift one step later: y[t] <- y[t-1], y[0] <- 0
+    y = y[:b] + y[b:].flip(1)
     y = (y + x * D.unsqueeze(-1)).to(x.dtype)  # D: (h, 1) or (b, l, h, 1)
     return y if mask is None else y.masked_fill(~mask[..., None, None], 0)

@@ -104,9 +104,9 @@ def test_gradcheck(backend, monkeypatch):
     """Gradients of every input; the compiled backward in chunks of 2 positions (several chunks per
     direction, the reversed one included)."""
     monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 2)
-    inputs = make_inputs(b=1, l=5, h=2, p=2, g=1, n=2)
+    inputs = make_inputs(b=1, l=6, h=2, p=2, g=1, n=2)
     names = list(inputs)
-    mask = torch.tensor([[True, True, True, True, False]])
+    mask = torch.tensor([[False, True, False, True, True, False]])  # padding before, inside and after
 
     def f(*args):
         return hydra_mixer(**dict(zip(names, args)), chunk_size=2, mask=mask, backend=backend)

@@ -108,6 +108,30 @@ def test_matches_chunked_path_with_mask_and_empty_sequence():
     torch.testing.assert_close(final, empty["initial_states"])
 
 
+def test_masked_positions_skipped_like_the_chunked_path(monkeypatch):
+    """Padded positions at the start, inside and at the end (the compiled kernels skip them; the
+    PyTorch path zeroes their x, dt and y): outputs, final states and every gradient agree, the
+    backward pass in chunks of 3 positions."""
+    monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 3)
+    inputs = make_inputs(l=11)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, :2] = mask[0, 5:7] = mask[1, 8:] = False
+
+    def scan(backend):
+        def run(x, dt, A, B, C, D, initial_states):
+            return ssd_scan(x, dt, A, B, C, 4, D=D, initial_states=initial_states, return_final_states=True,
+                            mask=mask, backend=backend)
+        return run
+
+    y, final, grads = outputs_and_grads(scan("numba"), inputs)
+    expected_y, expected_final, expected_grads = outputs_and_grads(scan("torch"), inputs)
+    assert (y[~mask] == 0).all()
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-10)
+    torch.testing.assert_close(final, expected_final, rtol=0, atol=1e-10)
+    for name in NAMES:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("b", [1, 5])   # 1: heads split between threads; 5: rows
 def test_two_threads_agree_with_one(b):
     inputs = {k: v.float() for k, v in make_inputs(b=b, l=30, h=4, p=8, g=2, n=8).items()}

@@ -23,21 +23,21 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_fin
     position. Masked positions get dt = 0 and x = 0 (no state change, no contribution) and y = 0.
     ``backend``: see :mod:`recbole_ssm.ops.backend`.
     """
+    if use_compiled(backend, x):
+        # On a CPU the compiled recurrence beats the chunked matrix products at every shape measured
+        # (python -m benchmarks.kernels: 2.3x to 7.6x, forward and forward + backward, batch x length
+        # 2048 x 50, 256 x 200, 8 x 200, 8 x 2000, 1 x 2000): PyTorch's chunked form pays for many
+        # small operations and for padding to whole chunks. It skips padded positions itself.
+        from recbole_ssm.ops.ssd.fused_recurrent import ssd_scan_fused
+
+        check_shapes(x, dt, A, B, C, chunk_size)
+        return ssd_scan_fused(x, dt, A, B, C, D=D, initial_states=initial_states,
+                              return_final_states=return_final_states, mask=mask)
     if mask is not None:
         x = x.masked_fill(~mask[..., None, None], 0)
         dt = dt.masked_fill(~mask[..., None], 0)
     if use_cuda(backend, cuda.KERNEL, x, lambda: cuda.unmet(x, dt, B, C, D)):
         out = cuda.ssd_scan(x, dt, A, B, C, chunk_size, D, initial_states, return_final_states)
-    elif use_compiled(backend, x):
-        # On a CPU the compiled recurrence beats the chunked matrix products at every shape measured
-        # (python -m benchmarks.kernels: 2.3x to 7.6x, forward and forward + backward, batch x length
-        # 2048 x 50, 256 x 200, 8 x 200, 8 x 2000, 1 x 2000): PyTorch's chunked form pays for many
-        # small operations and for padding to whole chunks.
-        from recbole_ssm.ops.ssd.fused_recurrent import ssd_scan_fused
-
-        check_shapes(x, dt, A, B, C, chunk_size)
-        out = ssd_scan_fused(x, dt, A, B, C, D=D, initial_states=initial_states,
-                             return_final_states=return_final_states)
     else:
         out = ssd_scan_torch(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states,
                              return_final_states=return_final_states)

@@ -26,22 +26,27 @@ BACKWARD_CHUNK = 64
 
 
 @njit(**JIT_OPTIONS)
-def _forward(x, dt, A, B, C, D, state, y, b0, b1, h0, h1, reverse, shift):
+def _forward(x, dt, A, B, C, D, mask, state, y, b0, b1, h0, h1, reverse, shift):
     """Rows b0:b1, heads h0:h1. x, y: (batch, length, heads, p); dt: (batch, length, heads); A: (heads,);
-    B, C: (batch, length, groups, n); D: (heads, p); state (batch, heads, p, n): the state before the
-    first position, overwritten with the state after the last one. Adds each position's output
-    (C_t . S_t + D x_t) to y at its position, moved one on in scan order if ``shift``."""
+    B, C: (batch, length, groups, n); D: (heads, p); mask: (batch, length), False at padded positions, or
+    of shape (0, 0) for none; state (batch, heads, p, n): the state before the first position,
+    overwritten with the state after the last one. Adds each position's output (C_t . S_t + D x_t) to y
+    at its position, moved one on in scan order if ``shift``. A padded position is skipped (no state
+    change, no output) and nothing is written to it."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     per_group = heads // B.shape[2]
     step = -1 if reverse else 1
+    masked = mask.shape[0] > 0
     for b in range(b0, b1):
         for h in range(h0, h1):
             g = h // per_group
             s = state[b, h]
             for k in range(length):
                 t = length - 1 - k if reverse else k
+                if masked and not mask[b, t]:
+                    continue
                 out = t + step if shift else t
-                write = 0 <= out < length
+                write = 0 <= out < length and (not masked or mask[b, out])
                 a = exp32(dt[b, t, h] * A[h])
                 B_t, C_t, x_t, y_t = B[b, t, g], C[b, t, g], x[b, t, h], y[b, out if write else t, h]
                 for p in range(headdim):
@@ -56,8 +61,8 @@ def _forward(x, dt, A, B, C, D, state, y, b0, b1, h0, h1, reverse, shift):
 
 
 @njit(**JIT_OPTIONS)
-def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, dA, dD, d_initial, b0, b1, chunk,
-              reverse, shift):
+def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB, dC, dA, dD, d_initial, b0, b1,
+              chunk, reverse, shift):
     """Gradients of :func:`_forward` for rows b0:b1, all heads. grad_final: dL/d(final state), like
     ``initial``. ddt like dt, d_initial like initial: written; dx like x, dB, dC (zeroed by the caller),
     dA (heads,), dD (heads, p): accumulated into."""
@@ -65,6 +70,7 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
     n_state = B.shape[3]
     per_group = heads // B.shape[2]
     step = -1 if reverse else 1
+    masked = mask.shape[0] > 0
     chunks = (length + chunk - 1) // chunk
     entering = np.empty((chunks, headdim, n_state), x.dtype)
     states = np.empty((chunk + 1, headdim, n_state), x.dtype)   # states[j + 1]: after scan step j
@@ -82,6 +88,8 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
                 t = length - 1 - k if reverse else k
                 if k % chunk == 0:
                     entering[k // chunk] = s
+                if masked and not mask[b, t]:
+                    continue
                 a = exp32(dt[b, t, h] * A[h])
                 for p in range(headdim):
                     xdt = x[b, t, h, p] * dt[b, t, h]
@@ -95,6 +103,9 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
                 for k in range(k0, k1):
                     t = length - 1 - k if reverse else k
                     j = k - k0
+                    if masked and not mask[b, t]:
+                        states[j + 1] = states[j]
+                        continue
                     a = exp32(dt[b, t, h] * A[h])
                     decays[j] = a
                     for p in range(headdim):
@@ -104,11 +115,15 @@ def _backward(x, dt, A, B, C, D, initial, grad_y, grad_final, dx, ddt, dB, dC, d
                             after[n] = a * before[n] + xdt * B[b, t, g, n]
                 for k in range(k1 - 1, k0 - 1, -1):
                     t = length - 1 - k if reverse else k
+                    if masked and not mask[b, t]:
+                        ddt[b, t, h] = 0               # dL/dS passes through unchanged
+                        continue
                     out = t + step if shift else t
                     j = k - k0
                     a, dt_t = decays[j], dt[b, t, h]
                     B_t, C_t, x_t = B[b, t, g], C[b, t, g], x[b, t, h]
-                    gy_t = grad_y[b, out, h] if 0 <= out < length else no_grad
+                    written = 0 <= out < length and (not masked or mask[b, out])
+                    gy_t = grad_y[b, out, h] if written else no_grad
                     grad_sB[:] = 0
                     grad_sC[:] = 0
                     grad_a = x.dtype.type(0)       # dL/da_t, summed over the state
@@ -139,10 +154,10 @@ class _FusedScans(torch.autograd.Function):
     """Scans of one x, one per direction, summed into y; see the module's docstring."""
 
     @staticmethod
-    def forward(ctx, reverse, shift, x, A, D, initial_states, *dt_B_C):
-        """reverse: a bool per direction; dt_B_C: dt, B, C of each direction in turn; D and
-        initial_states (one direction only) may be None. Returns y and the final states, one per
-        direction."""
+    def forward(ctx, reverse, shift, x, A, D, initial_states, mask, *dt_B_C):
+        """reverse: a bool per direction; dt_B_C: dt, B, C of each direction in turn; D, mask (b, l)
+        and initial_states (one direction only) may be None. Returns y (0 at padded positions) and the
+        final states, one per direction."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, l, h, p = x.shape
         n = dt_B_C[1].shape[-1]
@@ -151,23 +166,25 @@ class _FusedScans(torch.autograd.Function):
         initial = (torch.zeros(b, h, p, n, dtype=dtype) if initial_states is None
                    else initial_states.detach().to(dtype).contiguous())
         x_, A_ = (t.detach().to(dtype).contiguous() for t in (x, A))
+        mask = torch.empty(0, 0, dtype=torch.bool) if mask is None else mask.contiguous()
         scans = [t.detach().to(dtype).contiguous() for t in dt_B_C]
         states = [initial.clone() for _ in reverse]
         y = torch.zeros(b, l, h, p, dtype=dtype)
-        x_np, A_np, D_np, y_np = x_.numpy(), A_.numpy(), D_hp.numpy(), y.numpy()
+        x_np, A_np, D_np, mask_np, y_np = x_.numpy(), A_.numpy(), D_hp.numpy(), mask.numpy(), y.numpy()
         directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), states[i].numpy(), backwards)
                       for i, backwards in enumerate(reverse)]
 
         def scan(b0, b1, h0, h1):
             for dt_np, B_np, C_np, state_np, backwards in directions:
-                _forward(x_np, dt_np, A_np, B_np, C_np, D_np, state_np, y_np, b0, b1, h0, h1, backwards, shift)
+                _forward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, state_np, y_np, b0, b1, h0, h1, backwards,
+                         shift)
 
         if b >= threads():
             run_parts(lambda b0, b1: scan(b0, b1, 0, h), split(b, threads()))
         else:  # few rows: the heads are independent, split them instead
             for row in range(b):
                 run_parts(lambda h0, h1: scan(row, row + 1, h0, h1), split(h, threads()))
-        ctx.save_for_backward(x_, A_, D_hp, initial, *scans)
+        ctx.save_for_backward(x_, A_, D_hp, mask, initial, *scans)
         ctx.reverse, ctx.shift = reverse, shift
         ctx.input_dtypes = [None if t is None else t.dtype for t in (x, A, D, initial_states, *dt_B_C)]
         ctx.D_shape = None if D is None else D.shape
@@ -175,14 +192,15 @@ class _FusedScans(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *grad_finals):
-        x, A, D_hp, initial, *scans = ctx.saved_tensors
+        x, A, D_hp, mask, initial, *scans = ctx.saved_tensors
         grad_y = grad_y.to(x.dtype).contiguous()
         dx = torch.zeros_like(x)
         d_initial = [torch.empty_like(initial) for _ in ctx.reverse]
         # Per direction: ddt is written at every position, dB and dC are accumulated into.
         d_scans = [torch.empty_like(t) if i % 3 == 0 else torch.zeros_like(t) for i, t in enumerate(scans)]
         grad_finals = [torch.zeros_like(initial) if g is None else g.to(x.dtype).contiguous() for g in grad_finals]
-        x_np, A_np, D_np, initial_np, grad_y_np, dx_np = (t.numpy() for t in (x, A, D_hp, initial, grad_y, dx))
+        x_np, A_np, D_np, mask_np, initial_np, grad_y_np, dx_np = (
+            t.numpy() for t in (x, A, D_hp, mask, initial, grad_y, dx))
         directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), grad_finals[i].numpy(),
                        *(t.numpy() for t in d_scans[3 * i:3 * i + 3]), d_initial[i].numpy(), backwards)
                       for i, backwards in enumerate(ctx.reverse)]
@@ -190,7 +208,7 @@ class _FusedScans(torch.autograd.Function):
         def scan(b0, b1):  # each thread sums the parameters' gradients over its rows
             dA, dD = np.zeros_like(A_np), np.zeros_like(D_np)
             for dt_np, B_np, C_np, grad_final_np, ddt_np, dB_np, dC_np, d_initial_np, backwards in directions:
-                _backward(x_np, dt_np, A_np, B_np, C_np, D_np, initial_np, grad_y_np, grad_final_np, dx_np,
+                _backward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, initial_np, grad_y_np, grad_final_np, dx_np,
                           ddt_np, dB_np, dC_np, dA, dD, d_initial_np, b0, b1, BACKWARD_CHUNK, backwards, ctx.shift)
             return dA, dD
 
@@ -199,21 +217,23 @@ class _FusedScans(torch.autograd.Function):
         if ctx.D_shape is not None:
             dD = dD.sum(1) if len(ctx.D_shape) == 1 else dD
         d_initial_states = sum(d_initial) if ctx.input_dtypes[3] is not None else None
-        grads = (dx, dA, dD, d_initial_states, *d_scans)
-        return (None, None) + tuple(None if dtype is None else grad.to(dtype)
-                                    for grad, dtype in zip(grads, ctx.input_dtypes))
+        grads = [None if dtype is None else grad.to(dtype)
+                 for grad, dtype in zip((dx, dA, dD, d_initial_states, *d_scans), ctx.input_dtypes)]
+        return (None, None, *grads[:4], None, *grads[4:])   # none for reverse, shift and mask
 
 
-def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_states=False):
+def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_states=False, mask=None):
     """The SSD scan by the compiled kernels; arguments and result as
-    :func:`recbole_ssm.ops.ssd.chunked.ssd_scan_torch` (no chunk size: it changes nothing here)."""
-    y, final_states = _FusedScans.apply((False,), False, x, A, D, initial_states, dt, B, C)
+    :func:`recbole_ssm.ops.ssd.ssd_scan` (no chunk size: it changes nothing here)."""
+    y, final_states = _FusedScans.apply((False,), False, x, A, D, initial_states, mask, dt, B, C)
     return (y, final_states) if return_final_states else y
 
 
-def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd):
+def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, mask=None):
     """Hydra's two scans by the compiled kernels, without D: y[t] = (forward scan's output at t - 1)
     + (backward scan's output at t + 1), each 0 past the ends. Shapes as
-    :func:`recbole_ssm.ops.hydra.hydra_mixer`; returns (b, l, h, p)."""
-    y, _, _ = _FusedScans.apply((False, True), True, x, A, None, None, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd, C_bwd)
+    :func:`recbole_ssm.ops.hydra.hydra_mixer`; padded positions (``mask`` False) are skipped by both
+    scans and get y = 0. Returns (b, l, h, p)."""
+    y, _, _ = _FusedScans.apply((False, True), True, x, A, None, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd,
+                                C_bwd)
     return y
