@@ -26,21 +26,26 @@ BACKWARD_CHUNK = 64
 
 
 @njit(**JIT_OPTIONS)
-def _forward(x, dt, A, B, C, D, mask, state, y, b0, b1, h0, h1, reverse, shift):
+def _forward(x, dt, A, B, C, D, mask, initial, final, y, b0, b1, h0, h1, reverse, shift):
     """Rows b0:b1, heads h0:h1. x, y: (batch, length, heads, p); dt: (batch, length, heads); A: (heads,);
-    B, C: (batch, length, groups, n); D: (heads, p); mask: (batch, length), False at padded positions, or
-    of shape (0, 0) for none; state (batch, heads, p, n): the state before the first position,
-    overwritten with the state after the last one. Adds each position's output (C_t . S_t + D x_t) to y
-    at its position, moved one on in scan order if ``shift``. A padded position is skipped (no state
-    change, no output) and nothing is written to it."""
+    B, C: (batch, length, groups, n); D: (heads, p); mask: (batch, length), False at padded positions;
+    initial (batch, heads, p, n): the state before the first position; final, like it: written with
+    the state after the last one. mask, initial and final of size 0 stand for none, zeros and not
+    wanted. Adds each position's output (C_t . S_t + D x_t) to y at its position, moved one on in scan
+    order if ``shift``. A padded position is skipped (no state change, no output) and nothing is
+    written to it."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     per_group = heads // B.shape[2]
     step = -1 if reverse else 1
     masked = mask.shape[0] > 0
+    s = np.empty((headdim, B.shape[3]), x.dtype)
     for b in range(b0, b1):
         for h in range(h0, h1):
             g = h // per_group
-            s = state[b, h]
+            if initial.shape[0]:
+                s[:] = initial[b, h]
+            else:
+                s[:] = 0
             for k in range(length):
                 t = length - 1 - k if reverse else k
                 if masked and not mask[b, t]:
@@ -58,6 +63,8 @@ def _forward(x, dt, A, B, C, D, mask, state, y, b0, b1, h0, h1, reverse, shift):
                         acc += s_p[n] * C_t[n]
                     if write:
                         y_t[p] += acc
+            if final.shape[0]:
+                final[b, h] = s
 
 
 @njit(**JIT_OPTIONS)
@@ -65,7 +72,8 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
               chunk, reverse, shift):
     """Gradients of :func:`_forward` for rows b0:b1, all heads. grad_final: dL/d(final state), like
     ``initial``. ddt like dt, d_initial like initial: written; dx like x, dB, dC (zeroed by the caller),
-    dA (heads,), dD (heads, p): accumulated into."""
+    dA (heads,), dD (heads, p): accumulated into. initial, grad_final and d_initial of size 0 stand for
+    zeros, zeros and not wanted."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     n_state = B.shape[3]
     per_group = heads // B.shape[2]
@@ -83,7 +91,10 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
         for h in range(heads):
             g = h // per_group
             s = states[0]
-            s[:] = initial[b, h]
+            if initial.shape[0]:
+                s[:] = initial[b, h]
+            else:
+                s[:] = 0
             for k in range(length if chunks > 1 else 0):
                 t = length - 1 - k if reverse else k
                 if k % chunk == 0:
@@ -95,11 +106,19 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
                     xdt = x[b, t, h, p] * dt[b, t, h]
                     for n in range(n_state):
                         s[p, n] = a * s[p, n] + xdt * B[b, t, g, n]
-            grad_s[:] = grad_final[b, h]
+            if grad_final.shape[0]:
+                grad_s[:] = grad_final[b, h]
+            else:
+                grad_s[:] = 0
             for c in range(chunks - 1, -1, -1):
                 k0 = c * chunk
                 k1 = min(length, k0 + chunk)
-                states[0] = entering[c] if chunks > 1 else initial[b, h]
+                if chunks > 1:
+                    states[0] = entering[c]
+                elif initial.shape[0]:
+                    states[0] = initial[b, h]
+                else:
+                    states[0] = 0
                 for k in range(k0, k1):
                     t = length - 1 - k if reverse else k
                     j = k - k0
@@ -147,37 +166,38 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
                         dC[b, t, g, n] += grad_sC[n]
                     ddt[b, t, h] = grad_a * a * A[h] + grad_dt
                     dA[h] += grad_a * a * dt_t
-            d_initial[b, h] = grad_s
+            if d_initial.shape[0]:
+                d_initial[b, h] = grad_s
 
 
 class _FusedScans(torch.autograd.Function):
     """Scans of one x, one per direction, summed into y; see the module's docstring."""
 
     @staticmethod
-    def forward(ctx, reverse, shift, x, A, D, initial_states, mask, *dt_B_C):
+    def forward(ctx, reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C):
         """reverse: a bool per direction; dt_B_C: dt, B, C of each direction in turn; D, mask (b, l)
-        and initial_states (one direction only) may be None. Returns y (0 at padded positions) and the
-        final states, one per direction."""
+        and initial_states (one direction only) may be None. Returns y (0 at padded positions), and with
+        ``return_final_states`` the final states too, one per direction."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, l, h, p = x.shape
         n = dt_B_C[1].shape[-1]
         D_hp = (torch.zeros(h, p, dtype=dtype) if D is None
                 else D.detach().to(dtype).reshape(h, -1).expand(h, p).contiguous())
-        initial = (torch.zeros(b, h, p, n, dtype=dtype) if initial_states is None
-                   else initial_states.detach().to(dtype).contiguous())
+        none = torch.empty(0, 0, 0, 0, dtype=dtype)     # no initial states (zeros), no final states wanted
+        initial = none if initial_states is None else initial_states.detach().to(dtype).contiguous()
         x_, A_ = (t.detach().to(dtype).contiguous() for t in (x, A))
         mask = torch.empty(0, 0, dtype=torch.bool) if mask is None else mask.contiguous()
         scans = [t.detach().to(dtype).contiguous() for t in dt_B_C]
-        states = [initial.clone() for _ in reverse]
+        finals = [torch.empty(b, h, p, n, dtype=dtype) if return_final_states else none for _ in reverse]
         y = torch.zeros(b, l, h, p, dtype=dtype)
-        x_np, A_np, D_np, mask_np, y_np = x_.numpy(), A_.numpy(), D_hp.numpy(), mask.numpy(), y.numpy()
-        directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), states[i].numpy(), backwards)
+        x_np, A_np, D_np, mask_np, initial_np, y_np = (t.numpy() for t in (x_, A_, D_hp, mask, initial, y))
+        directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), finals[i].numpy(), backwards)
                       for i, backwards in enumerate(reverse)]
 
         def scan(b0, b1, h0, h1):
-            for dt_np, B_np, C_np, state_np, backwards in directions:
-                _forward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, state_np, y_np, b0, b1, h0, h1, backwards,
-                         shift)
+            for dt_np, B_np, C_np, final_np, backwards in directions:
+                _forward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, initial_np, final_np, y_np, b0, b1, h0, h1,
+                         backwards, shift)
 
         if b >= threads():
             run_parts(lambda b0, b1: scan(b0, b1, 0, h), split(b, threads()))
@@ -188,17 +208,23 @@ class _FusedScans(torch.autograd.Function):
         ctx.reverse, ctx.shift = reverse, shift
         ctx.input_dtypes = [None if t is None else t.dtype for t in (x, A, D, initial_states, *dt_B_C)]
         ctx.D_shape = None if D is None else D.shape
-        return (y.to(x.dtype), *states)
+        y = y.to(x.dtype)
+        if not return_final_states:
+            return y
+        return (y, *finals)
 
     @staticmethod
     def backward(ctx, grad_y, *grad_finals):
         x, A, D_hp, mask, initial, *scans = ctx.saved_tensors
         grad_y = grad_y.to(x.dtype).contiguous()
         dx = torch.zeros_like(x)
-        d_initial = [torch.empty_like(initial) for _ in ctx.reverse]
+        none = torch.empty(0, 0, 0, 0, dtype=x.dtype)
+        d_initial = [none if ctx.input_dtypes[3] is None else torch.empty_like(initial) for _ in ctx.reverse]
         # Per direction: ddt is written at every position, dB and dC are accumulated into.
         d_scans = [torch.empty_like(t) if i % 3 == 0 else torch.zeros_like(t) for i, t in enumerate(scans)]
-        grad_finals = [torch.zeros_like(initial) if g is None else g.to(x.dtype).contiguous() for g in grad_finals]
+        if not grad_finals:   # the final states were not returned
+            grad_finals = [None] * len(ctx.reverse)
+        grad_finals = [none if g is None else g.to(x.dtype).contiguous() for g in grad_finals]
         x_np, A_np, D_np, mask_np, initial_np, grad_y_np, dx_np = (
             t.numpy() for t in (x, A, D_hp, mask, initial, grad_y, dx))
         directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), grad_finals[i].numpy(),
@@ -219,14 +245,13 @@ class _FusedScans(torch.autograd.Function):
         d_initial_states = sum(d_initial) if ctx.input_dtypes[3] is not None else None
         grads = [None if dtype is None else grad.to(dtype)
                  for grad, dtype in zip((dx, dA, dD, d_initial_states, *d_scans), ctx.input_dtypes)]
-        return (None, None, *grads[:4], None, *grads[4:])   # none for reverse, shift and mask
+        return (None, None, None, *grads[:4], None, *grads[4:])   # none for reverse, shift, return_final_states, mask
 
 
 def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_states=False, mask=None):
     """The SSD scan by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.ssd.ssd_scan` (no chunk size: it changes nothing here)."""
-    y, final_states = _FusedScans.apply((False,), False, x, A, D, initial_states, mask, dt, B, C)
-    return (y, final_states) if return_final_states else y
+    return _FusedScans.apply((False,), False, return_final_states, x, A, D, initial_states, mask, dt, B, C)
 
 
 def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, mask=None):
@@ -234,6 +259,5 @@ def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd,
     + (backward scan's output at t + 1), each 0 past the ends. Shapes as
     :func:`recbole_ssm.ops.hydra.hydra_mixer`; padded positions (``mask`` False) are skipped by both
     scans and get y = 0. Returns (b, l, h, p)."""
-    y, _, _ = _FusedScans.apply((False, True), True, x, A, None, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd,
-                                C_bwd)
-    return y
+    return _FusedScans.apply((False, True), True, False, x, A, None, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd,
+                             B_bwd, C_bwd)
