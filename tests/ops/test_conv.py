@@ -25,6 +25,9 @@ def test_matches_grouped_conv1d(causal, width, activation, length, backend):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     for got_grad, expected_grad in zip(torch.autograd.grad(got, (x, conv.weight, conv.bias), grad), expected_grads):
         torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-12)
+    with torch.no_grad():  # without autograd (the compiled op's inference path)
+        torch.testing.assert_close(depthwise_conv1d(x, conv.weight, conv.bias, causal=causal, activation=activation,
+                                                    backend=backend), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -91,7 +91,11 @@ def test_initial_and_last_state(length, monkeypatch):
     y, state = compiled(**inputs, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-10)
-    assert not state.requires_grad
+    # Inputs without gradients take a path around autograd; with them, the same results.
+    differentiable = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y_grad, state_grad = compiled(**differentiable, delta_softplus=True, return_last_state=True)
+    assert y_grad.requires_grad and torch.equal(y_grad.detach(), y) and torch.equal(state_grad, state)
+    assert not state.requires_grad and not state_grad.requires_grad
     for method in ("chunked", "recurrent"):
         y, state = selective_scan_torch(**inputs, delta_softplus=True, return_last_state=True, method=method)
         torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)

@@ -126,6 +126,8 @@ def test_masked_positions_skipped_like_the_chunked_path(monkeypatch):
     y, final, grads = outputs_and_grads(scan("numba"), inputs)
     expected_y, expected_final, expected_grads = outputs_and_grads(scan("torch"), inputs)
     assert (y[~mask] == 0).all()
+    without_autograd = scan("numba")(**inputs)  # inputs without gradients: the path around autograd
+    assert torch.equal(without_autograd[0], y) and torch.equal(without_autograd[1], final)
     torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-10)
     torch.testing.assert_close(final, expected_final, rtol=0, atol=1e-10)
     for name in NAMES:

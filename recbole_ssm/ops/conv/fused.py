@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
 from recbole_ssm.ops.conv.shifted import padding
 
@@ -75,20 +76,26 @@ def _backward(x, taps, bias, before, use_silu, grad_out, grad_x, grad_taps, grad
                         gx_s[c] += tap[c] * gp_t[c]
 
 
+def _convolve(x, weight, bias, before, use_silu):
+    """The forward kernel on the callers' tensors: the output (b, l, c) in the computing dtype, and the
+    kernel's inputs (which the backward pass needs)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    channels, width = weight.shape[0], weight.shape[-1]
+    inputs = (x.detach().to(dtype).transpose(1, 2).contiguous(),                 # (b, l, c)
+              weight.detach().to(dtype).reshape(channels, width).t().contiguous(),  # (width, c)
+              torch.zeros(channels, dtype=dtype) if bias is None else bias.detach().to(dtype).contiguous())
+    out = torch.empty_like(inputs[0])
+    arrays = [t.numpy() for t in inputs]
+    out_np = out.numpy()
+    run_parts(lambda b0, b1: _forward(*arrays, before, use_silu, out_np, b0, b1), split(x.shape[0], threads()))
+    return out, inputs
+
+
 class _FusedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, before, use_silu):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        channels, width = weight.shape[0], weight.shape[-1]
-        inputs = (x.detach().to(dtype).transpose(1, 2).contiguous(),                 # (b, l, c)
-                  weight.detach().to(dtype).reshape(channels, width).t().contiguous(),  # (width, c)
-                  torch.zeros(channels, dtype=dtype) if bias is None else bias.detach().to(dtype).contiguous())
-        out = torch.empty_like(inputs[0])
-        arrays = [t.numpy() for t in inputs]
-        out_np = out.numpy()
-        run_parts(lambda b0, b1: _forward(*arrays, before, use_silu, out_np, b0, b1),
-                  split(x.shape[0], threads()))
+        out, inputs = _convolve(x, weight, bias, before, use_silu)
         ctx.save_for_backward(*inputs)
         ctx.before, ctx.use_silu = before, use_silu
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -119,4 +126,6 @@ def depthwise_conv1d_fused(x, weight, bias=None, causal=True, activation="silu")
     """The depthwise convolution by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.conv.depthwise_conv1d` (CPU tensors; float32, or float64 for float64 x)."""
     before, _ = padding(weight.shape[-1], causal)
-    return _FusedConv.apply(x, weight, bias, before, activation == "silu")
+    if needs_grad(x, weight, bias):
+        return _FusedConv.apply(x, weight, bias, before, activation == "silu")
+    return _convolve(x, weight, bias, before, activation == "silu")[0].transpose(1, 2).to(x.dtype)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.compiled import JIT_OPTIONS, decay, exp32, run_parts, softplus, split, threads
 
 # Positions whose states and decays the backward pass holds at once, per batch row and thread:
@@ -161,33 +162,42 @@ def _time_major(t, dtype):
     return t.detach().to(dtype).transpose(1, 2).contiguous()
 
 
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    """The forward kernels on the callers' tensors: y (b, l, d) in the computing dtype, the last state
+    (b, n, d), and the kernels' inputs and initial state (which the backward pass needs)."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    batch, d_inner, length = u.shape
+    initial = (None if initial_state is None                                           # zeros
+               else initial_state.detach().to(dtype).transpose(1, 2).contiguous())    # (b, n, d)
+    inputs = (_time_major(u, dtype), _time_major(delta, dtype), A.detach().to(dtype).t().contiguous(),
+              _time_major(B, dtype), _time_major(C, dtype), _vector_or_zeros(D, d_inner, dtype),
+              _time_major(z, dtype) if z is not None else torch.empty(0, 0, 0, dtype=dtype),
+              _vector_or_zeros(delta_bias, d_inner, dtype))
+    out = torch.empty(batch, length, d_inner, dtype=dtype)
+    # The kernel turns it into the last state.
+    state = torch.zeros(batch, A.shape[1], d_inner, dtype=dtype) if initial is None else initial.clone()
+    if batch >= threads() or length == 0:
+        arrays = [t.numpy() for t in (*inputs, out, state)]
+        run_parts(lambda b0, b1: _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], b0, b1),
+                  split(batch, threads()))
+    else:  # few rows: the channels are independent, each thread scans its own slice of them
+        def channels(d0, d1):  # every tensor but B and C has the channels last
+            part = [t if i in (3, 4) or not t.numel() else t[..., d0:d1].contiguous()
+                    for i, t in enumerate((*inputs, out, state))]
+            arrays = [t.numpy() for t in part]
+            _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], 0, batch)
+            out[..., d0:d1], state[..., d0:d1] = part[8], part[9]
+
+        run_parts(channels, split(d_inner, threads()))
+    return out, state, inputs, initial
+
+
 class _FusedSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_last_state):
-        dtype = torch.promote_types(u.dtype, torch.float32)
-        batch, d_inner, length = u.shape
-        initial = (torch.zeros(batch, A.shape[1], d_inner, dtype=dtype) if initial_state is None
-                   else initial_state.detach().to(dtype).transpose(1, 2).contiguous())    # (b, n, d)
-        inputs = (_time_major(u, dtype), _time_major(delta, dtype), A.detach().to(dtype).t().contiguous(),
-                  _time_major(B, dtype), _time_major(C, dtype), _vector_or_zeros(D, d_inner, dtype),
-                  _time_major(z, dtype) if z is not None else torch.empty(0, 0, 0, dtype=dtype),
-                  _vector_or_zeros(delta_bias, d_inner, dtype))
-        out = torch.empty(batch, length, d_inner, dtype=dtype)
-        state = initial.clone()        # the kernel turns it into the last state
-        if batch >= threads() or length == 0:
-            arrays = [t.numpy() for t in (*inputs, out, state)]
-            run_parts(lambda b0, b1: _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], b0, b1),
-                      split(batch, threads()))
-        else:  # few rows: the channels are independent, each thread scans its own slice of them
-            def channels(d0, d1):  # every tensor but B and C has the channels last
-                part = [t if i in (3, 4) or not t.numel() else t[..., d0:d1].contiguous()
-                        for i, t in enumerate((*inputs, out, state))]
-                arrays = [t.numpy() for t in part]
-                _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], 0, batch)
-                out[..., d0:d1], state[..., d0:d1] = part[8], part[9]
-
-            run_parts(channels, split(d_inner, threads()))
+        out, state, inputs, initial = _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                                    delta_softplus)
         ctx.save_for_backward(*inputs, initial)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.input_dtypes = [None if t is None else t.dtype
@@ -202,6 +212,8 @@ class _FusedSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *grad_last_state):  # the last state is not differentiable
         u, delta, A_T, B, C, D, z, bias, initial = ctx.saved_tensors
+        if initial is None:
+            initial = torch.zeros(u.shape[0], A_T.shape[0], u.shape[2], dtype=u.dtype)
         grads = [torch.empty_like(t) for t in (u, u, z, B, C, initial)]   # du, ddelta, dz, dB, dC, d_initial
         du, ddelta, dz, dB, dC, d_initial = (t.numpy() for t in grads)
         arrays = [t.numpy() for t in (u, delta, A_T, B, C, D, z, bias)]
@@ -230,5 +242,9 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """The selective scan by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.selective_scan.selective_scan` (CPU tensors; computed in float32, or in
     float64 for float64 inputs)."""
-    return _FusedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                     return_last_state)
+    if needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        return _FusedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                         return_last_state)
+    out, state, _, _ = _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    y = out.transpose(1, 2).to(u.dtype)   # without autograd's bookkeeping (a tenth of a call at batch 1)
+    return (y, state.transpose(1, 2)) if return_last_state else y

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
 
 # Positions whose states the backward pass holds at once, per (row, head) and thread:
@@ -170,6 +171,46 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
                 d_initial[b, h] = grad_s
 
 
+def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C):
+    """The forward kernels on the callers' tensors (arguments as :meth:`_FusedScans.forward`): y and
+    the final states in the computing dtype, and the kernels' inputs (which the backward pass needs)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    b, l, h, p = x.shape
+    n = dt_B_C[1].shape[-1]
+    D_hp = (torch.zeros(h, p, dtype=dtype) if D is None
+            else D.detach().to(dtype).reshape(h, -1).expand(h, p).contiguous())
+    none = torch.empty(0, 0, 0, 0, dtype=dtype)     # no initial states (zeros), no final states wanted
+    initial = none if initial_states is None else initial_states.detach().to(dtype).contiguous()
+    x_, A_ = (t.detach().to(dtype).contiguous() for t in (x, A))
+    mask = torch.empty(0, 0, dtype=torch.bool) if mask is None else mask.contiguous()
+    scans = [t.detach().to(dtype).contiguous() for t in dt_B_C]
+    finals = [torch.empty(b, h, p, n, dtype=dtype) if return_final_states else none for _ in reverse]
+    y = torch.zeros(b, l, h, p, dtype=dtype)
+    x_np, A_np, D_np, mask_np, initial_np, y_np = (t.numpy() for t in (x_, A_, D_hp, mask, initial, y))
+    directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), finals[i].numpy(), backwards)
+                  for i, backwards in enumerate(reverse)]
+
+    def scan(b0, b1, h0, h1):
+        for dt_np, B_np, C_np, final_np, backwards in directions:
+            _forward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, initial_np, final_np, y_np, b0, b1, h0, h1,
+                     backwards, shift)
+
+    if b >= threads():
+        run_parts(lambda b0, b1: scan(b0, b1, 0, h), split(b, threads()))
+    else:  # few rows: the heads are independent, split them instead
+        for row in range(b):
+            run_parts(lambda h0, h1: scan(row, row + 1, h0, h1), split(h, threads()))
+    return y, finals, (x_, A_, D_hp, mask, initial, *scans)
+
+
+def _scans(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C):
+    """:class:`_FusedScans` where autograd needs it, else the kernels without its bookkeeping."""
+    if needs_grad(x, A, D, initial_states, *dt_B_C):
+        return _FusedScans.apply(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C)
+    y, finals, _ = _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C)
+    return (y.to(x.dtype), *finals) if return_final_states else y.to(x.dtype)
+
+
 class _FusedScans(torch.autograd.Function):
     """Scans of one x, one per direction, summed into y; see the module's docstring."""
 
@@ -178,40 +219,14 @@ class _FusedScans(torch.autograd.Function):
         """reverse: a bool per direction; dt_B_C: dt, B, C of each direction in turn; D, mask (b, l)
         and initial_states (one direction only) may be None. Returns y (0 at padded positions), and with
         ``return_final_states`` the final states too, one per direction."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        b, l, h, p = x.shape
-        n = dt_B_C[1].shape[-1]
-        D_hp = (torch.zeros(h, p, dtype=dtype) if D is None
-                else D.detach().to(dtype).reshape(h, -1).expand(h, p).contiguous())
-        none = torch.empty(0, 0, 0, 0, dtype=dtype)     # no initial states (zeros), no final states wanted
-        initial = none if initial_states is None else initial_states.detach().to(dtype).contiguous()
-        x_, A_ = (t.detach().to(dtype).contiguous() for t in (x, A))
-        mask = torch.empty(0, 0, dtype=torch.bool) if mask is None else mask.contiguous()
-        scans = [t.detach().to(dtype).contiguous() for t in dt_B_C]
-        finals = [torch.empty(b, h, p, n, dtype=dtype) if return_final_states else none for _ in reverse]
-        y = torch.zeros(b, l, h, p, dtype=dtype)
-        x_np, A_np, D_np, mask_np, initial_np, y_np = (t.numpy() for t in (x_, A_, D_hp, mask, initial, y))
-        directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), finals[i].numpy(), backwards)
-                      for i, backwards in enumerate(reverse)]
-
-        def scan(b0, b1, h0, h1):
-            for dt_np, B_np, C_np, final_np, backwards in directions:
-                _forward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, initial_np, final_np, y_np, b0, b1, h0, h1,
-                         backwards, shift)
-
-        if b >= threads():
-            run_parts(lambda b0, b1: scan(b0, b1, 0, h), split(b, threads()))
-        else:  # few rows: the heads are independent, split them instead
-            for row in range(b):
-                run_parts(lambda h0, h1: scan(row, row + 1, h0, h1), split(h, threads()))
-        ctx.save_for_backward(x_, A_, D_hp, mask, initial, *scans)
+        y, finals, saved = _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask,
+                                          *dt_B_C)
+        ctx.save_for_backward(*saved)
         ctx.reverse, ctx.shift = reverse, shift
         ctx.input_dtypes = [None if t is None else t.dtype for t in (x, A, D, initial_states, *dt_B_C)]
         ctx.D_shape = None if D is None else D.shape
         y = y.to(x.dtype)
-        if not return_final_states:
-            return y
-        return (y, *finals)
+        return (y, *finals) if return_final_states else y
 
     @staticmethod
     def backward(ctx, grad_y, *grad_finals):
@@ -251,7 +266,7 @@ class _FusedScans(torch.autograd.Function):
 def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_states=False, mask=None):
     """The SSD scan by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.ssd.ssd_scan` (no chunk size: it changes nothing here)."""
-    return _FusedScans.apply((False,), False, return_final_states, x, A, D, initial_states, mask, dt, B, C)
+    return _scans((False,), False, return_final_states, x, A, D, initial_states, mask, dt, B, C)
 
 
 def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, mask=None):
@@ -259,5 +274,4 @@ def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd,
     + (backward scan's output at t + 1), each 0 past the ends. Shapes as
     :func:`recbole_ssm.ops.hydra.hydra_mixer`; padded positions (``mask`` False) are skipped by both
     scans and get y = 0. Returns (b, l, h, p)."""
-    return _FusedScans.apply((False, True), True, False, x, A, None, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd,
-                             B_bwd, C_bwd)
+    return _scans((False, True), True, False, x, A, None, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd, C_bwd)
