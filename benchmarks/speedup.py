@@ -1,6 +1,9 @@
 """Speed-ups over SASRec measured side by side: at each shape, every model is built in one process and
 their timed calls alternate round by round, so that a shared machine's drifting load hits all models
-alike (the efficiency benchmark runs each model in a process of its own, one after the other).
+alike (the efficiency benchmark runs each model in a process of its own, one after the other). Each
+shape gets a fresh process: what one shape leaves in the memory allocator changes the next one's
+times (SASRec's training step at 256x200 took a third less time after the 2048x50 shape had run in
+the same process, the SSM models' a tenth less), and a training run meets one shape from its start.
 
     python -m benchmarks.speedup                                   # the targets' shapes, 1 and 2 threads
     python -m benchmarks.speedup --shapes train:2048x50 infer:8x200 --threads 1 --rounds 5
@@ -14,6 +17,8 @@ user waits and CPU time shows how much the second thread added. Same synthetic d
 speedup.json and speedup.md into --output-dir.
 """
 import argparse
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -96,6 +101,17 @@ def measure_shape(kind, batch_size, length, threads, args, overrides, data_root)
                 "first_call_ms": first_call[m] * 1e3} for m in args.models}
 
 
+def _measure_shape_imported(*measure_args):
+    common.import_recbole_ssm()
+    return os.getpid(), measure_shape(*measure_args)
+
+
+def measure_shape_in_fresh_process(*measure_args):
+    """:func:`measure_shape` in a spawned interpreter of its own; (its process id, the result)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_shape_imported, measure_args)
+
+
 def render_markdown(report):
     s = report["settings"]
     reference, others = s["models"][0], s["models"][1:]
@@ -138,9 +154,10 @@ def main(argv=None):
         efficiency.write_synthetic_dataset(data_root)
         for threads in args.threads:
             for kind, batch_size, length in args.shapes:
-                models = measure_shape(kind, batch_size, length, threads, args, overrides, data_root)
+                process_id, models = measure_shape_in_fresh_process(kind, batch_size, length, threads, args,
+                                                                    overrides, data_root)
                 report["runs"].append({"threads": threads, "kind": kind, "batch_size": batch_size,
-                                       "length": length, "models": models})
+                                       "length": length, "process_id": process_id, "models": models})
                 ref = models[args.models[0]]["cpu_ms"]["median"]
                 common.progress(f"{threads} thread(s), {kind} {batch_size}x{length}: " + ", ".join(
                     f"{m} {v['cpu_ms']['median']:.0f} ms CPU ({ref / v['cpu_ms']['median']:.2f}x)"

@@ -77,6 +77,7 @@ def test_speedup_smoke(tmp_path):
     report = json.loads((tmp_path / "speedup.json").read_text())
     assert [(run["threads"], run["kind"]) for run in report["runs"]] == [
         (1, "train"), (1, "infer"), (2, "train"), (2, "infer")]
+    assert len({run["process_id"] for run in report["runs"]}) == 4   # each shape in a fresh process
     for run in report["runs"]:
         assert set(run["models"]) == set(models)
         for timing in run["models"].values():
