@@ -14,10 +14,10 @@ from numba import njit
 from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.compiled import JIT_OPTIONS, decay, exp32, run_parts, softplus, split, threads
 
-# Positions whose states and decays the backward pass holds at once, per batch row and thread:
-# 2 * 256 * d_state * d_inner floats (8 MB at d_state 32, d_inner 128, float32). Sequences of up to
-# 256 positions then need no first pass (Mamba4Rec's training step at batch 256, length 200 took 12%
-# less time than with chunks of 64).
+# Positions the backward pass walks back at once, per batch row and thread: it holds eight (chunk,
+# d_inner) arrays (1 MB at d_inner 128, float32) and the states entering each chunk. Sequences of up
+# to 256 positions then need no first pass (Mamba4Rec's training step at batch 256, length 200 took
+# 12% less time than with chunks of 64).
 BACKWARD_CHUNK = 256
 
 
@@ -66,91 +66,96 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
               du, ddelta, dz, dA_T, dB, dC, dD, dbias, d_initial, b0, b1, chunk):
     """Gradients of :func:`_forward` from the states ``initial`` (batch, n, d), for rows b0:b1, all
     channels. du, ddelta, dz: like u; dB, dC: like B; d_initial: like initial (these are written);
-    dA_T (n, d), dD, dbias (d,): accumulated into."""
+    dA_T (n, d), dD, dbias (d,): accumulated into.
+
+    Within a chunk the loop runs over the states n outside and the positions inside: one state's
+    values along the chunk, (chunk, d), are recomputed and walked back while they are in cache, and
+    what sums over the states (the read-out, dL/d(dt u), dL/d(dt)) builds up in (chunk, d) arrays."""
     length, d_inner = u.shape[1], u.shape[2]
     n_state = A_T.shape[0]
     chunks = (length + chunk - 1) // chunk
     entering = np.empty((chunks, n_state, d_inner), u.dtype)   # state before each chunk
-    states = np.empty((chunk + 1, n_state, d_inner), u.dtype)  # states[j + 1]: after position j
-    decays = np.empty((chunk, n_state, d_inner), u.dtype)
+    h = np.empty((chunk + 1, d_inner), u.dtype)                # h[j + 1]: one state after position j
+    decays = np.empty((chunk, d_inner), u.dtype)               # exp(dt A) of that state
     rates = np.empty((chunk, d_inner), u.dtype)                # softplus'd step sizes
+    drive = np.empty((chunk, d_inner), u.dtype)                # dt u
+    grad_y = np.empty((chunk, d_inner), u.dtype)               # dL/dy_t, y before the gate
     readout = np.empty((chunk, d_inner), u.dtype)              # <h_t, C_t>
-    grad_h = np.empty((n_state, d_inner), u.dtype)             # dL/dh_t
-    drive = np.empty(d_inner, u.dtype)
-    grad_y = np.empty(d_inner, u.dtype)
-    grad_hB = np.empty(d_inner, u.dtype)                       # sum_n dL/dh_t[n] B_t[n]
-    grad_decay = np.empty(d_inner, u.dtype)                    # sum_n dL/da_t[n] a_t[n] A[n]
+    grad_hB = np.empty((chunk, d_inner), u.dtype)              # sum_n dL/dh_t[n] B_t[n]
+    grad_decay = np.empty((chunk, d_inner), u.dtype)           # sum_n dL/da_t[n] a_t[n] A[n]
+    grad_h = np.empty((n_state, d_inner), u.dtype)             # dL/dh entering the chunk after
+    g = np.empty(d_inner, u.dtype)
     for b in range(b0, b1):
         # States entering each chunk (no pass needed when the sequence is one chunk).
-        h = states[0]
-        h[:] = initial[b]
+        state = entering[0]
+        state[:] = initial[b]
         for t in range(length if chunks > 1 else 0):
-            if t % chunk == 0:
-                entering[t // chunk] = h
+            if t % chunk == 0 and t > 0:
+                entering[t // chunk] = state
             _step_rates(delta[b, t], bias, use_softplus, rates[0])
             for d in range(d_inner):
-                drive[d] = rates[0, d] * u[b, t, d]
+                drive[0, d] = rates[0, d] * u[b, t, d]
             for n in range(n_state):
-                A_n, h_n, B_tn = A_T[n], h[n], B[b, t, n]
+                A_n, h_n, B_tn = A_T[n], state[n], B[b, t, n]
                 for d in range(d_inner):
-                    h_n[d] = decay(rates[0, d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                    h_n[d] = decay(rates[0, d] * A_n[d]) * h_n[d] + drive[0, d] * B_tn
+        if chunks > 1:
+            entering[0] = initial[b]
         grad_h[:] = 0
         for c in range(chunks - 1, -1, -1):
             t0 = c * chunk
-            t1 = min(length, t0 + chunk)
-            states[0] = entering[c] if chunks > 1 else initial[b]
-            # Recompute the chunk's states, decays and read-outs.
-            for t in range(t0, t1):
-                j = t - t0
-                dt, y = rates[j], readout[j]
-                _step_rates(delta[b, t], bias, use_softplus, dt)
+            steps = min(length, t0 + chunk) - t0
+            for j in range(steps):
+                t = t0 + j
+                _step_rates(delta[b, t], bias, use_softplus, rates[j])
                 for d in range(d_inner):
-                    drive[d] = dt[d] * u[b, t, d]
-                    y[d] = 0
-                for n in range(n_state):
-                    A_n, before, after, a = A_T[n], states[j, n], states[j + 1, n], decays[j, n]
-                    B_tn, C_tn = B[b, t, n], C[b, t, n]
-                    for d in range(d_inner):
-                        a[d] = decay(dt[d] * A_n[d])
-                        after[d] = a[d] * before[d] + drive[d] * B_tn
-                        y[d] += after[d] * C_tn
-            # Then backwards through it.
-            for t in range(t1 - 1, t0 - 1, -1):
-                j = t - t0
-                dt, u_t, g_t = rates[j], u[b, t], grad_out[b, t]
-                for d in range(d_inner):
-                    y_td = readout[j, d] + D[d] * u_t[d]
+                    drive[j, d] = rates[j, d] * u[b, t, d]
+                    readout[j, d] = 0
+                    grad_hB[j, d] = 0
+                    grad_decay[j, d] = 0
                     if z.shape[0]:
                         z_td = z[b, t, d]
-                        gate = 1 / (1 + exp32(-z_td))                      # sigmoid(z)
-                        dz[b, t, d] = g_t[d] * y_td * gate * (1 + z_td * (1 - gate))
-                        grad_y[d] = g_t[d] * z_td * gate
+                        grad_y[j, d] = grad_out[b, t, d] * z_td / (1 + exp32(-z_td))   # silu(z)
                     else:
-                        grad_y[d] = g_t[d]
-                    dD[d] += grad_y[d] * u_t[d]
-                    drive[d] = dt[d] * u_t[d]
-                    grad_hB[d] = 0
-                    grad_decay[d] = 0
-                for n in range(n_state):
-                    A_n, dA_n, g_n = A_T[n], dA_T[n], grad_h[n]
-                    before, after, a = states[j, n], states[j + 1, n], decays[j, n]
-                    B_tn, C_tn = B[b, t, n], C[b, t, n]
+                        grad_y[j, d] = grad_out[b, t, d]
+            for n in range(n_state):
+                A_n, dA_n = A_T[n], dA_T[n]
+                h[0] = entering[c, n] if chunks > 1 else initial[b, n]
+                for j in range(steps):          # this state along the chunk
+                    B_tn, C_tn = B[b, t0 + j, n], C[b, t0 + j, n]
+                    for d in range(d_inner):
+                        decays[j, d] = decay(rates[j, d] * A_n[d])
+                        h[j + 1, d] = decays[j, d] * h[j, d] + drive[j, d] * B_tn
+                        readout[j, d] += h[j + 1, d] * C_tn
+                g[:] = grad_h[n]
+                for j in range(steps - 1, -1, -1):   # and back
+                    B_tn, C_tn = B[b, t0 + j, n], C[b, t0 + j, n]
                     sum_C = u.dtype.type(0)
                     sum_B = u.dtype.type(0)
                     for d in range(d_inner):
-                        g = g_n[d] + grad_y[d] * C_tn                    # dL/dh_t
-                        sum_C += grad_y[d] * after[d]
-                        sum_B += g * drive[d]
-                        grad_hB[d] += g * B_tn
-                        s = g * before[d] * a[d]                         # dL/d(dt A) for this n
-                        grad_decay[d] += s * A_n[d]
-                        dA_n[d] += s * dt[d]
-                        g_n[d] = g * a[d]                                # dL/dh_{t-1}, via h_t
-                    dC[b, t, n] = sum_C
-                    dB[b, t, n] = sum_B
+                        g_d = g[d] + grad_y[j, d] * C_tn                    # dL/dh_t
+                        sum_C += grad_y[j, d] * h[j + 1, d]
+                        sum_B += g_d * drive[j, d]
+                        grad_hB[j, d] += g_d * B_tn
+                        s = g_d * h[j, d] * decays[j, d]                   # dL/d(dt A) for this n
+                        grad_decay[j, d] += s * A_n[d]
+                        dA_n[d] += s * rates[j, d]
+                        g[d] = g_d * decays[j, d]                          # dL/dh_{t-1}, via h_t
+                    dC[b, t0 + j, n] = sum_C
+                    dB[b, t0 + j, n] = sum_B
+                grad_h[n] = g
+            for j in range(steps):
+                t = t0 + j
+                u_t = u[b, t]
                 for d in range(d_inner):
-                    du[b, t, d] = grad_y[d] * D[d] + dt[d] * grad_hB[d]
-                    grad_dt = grad_decay[d] + u_t[d] * grad_hB[d]
+                    if z.shape[0]:
+                        z_td = z[b, t, d]
+                        gate = 1 / (1 + exp32(-z_td))                       # sigmoid(z)
+                        y_td = readout[j, d] + D[d] * u_t[d]
+                        dz[b, t, d] = grad_out[b, t, d] * y_td * gate * (1 + z_td * (1 - gate))
+                    dD[d] += grad_y[j, d] * u_t[d]
+                    du[b, t, d] = grad_y[j, d] * D[d] + rates[j, d] * grad_hB[j, d]
+                    grad_dt = grad_decay[j, d] + u_t[d] * grad_hB[j, d]
                     if use_softplus:
                         grad_dt /= 1 + exp32(-(delta[b, t, d] + bias[d]))  # softplus' = sigmoid
                     ddelta[b, t, d] = grad_dt
