@@ -34,11 +34,7 @@ def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size,
     if use_compiled(backend, x):
         from recbole_ssm.ops.ssd.fused_recurrent import shifted_bidirectional_scans_fused
 
-        # The scans skip padded positions and leave them 0; so does the diagonal, 0 there.
-        y = shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, mask)
-        if mask is not None:
-            D = torch.where(mask[..., None], D, 0)  # (b, l, h)
-        return (y + x * D.unsqueeze(-1)).to(x.dtype)
+        return shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, mask)
 
     b = x.shape[0]
     if mask is not None:

@@ -11,8 +11,9 @@ time from the states entering each chunk, recorded by a first pass (skipped for 
 The kernels also serve Hydra's mixer (:mod:`recbole_ssm.ops.hydra`): several scans ("directions") of
 one x, each with its own dt, B and C, optionally running from the last position to the first
 (``reverse``) and with their outputs moved one position on in scan order (``shift``: output t reads
-the state after position t - 1, or t + 1 when reversed), summed into one y, with no flipped or
-concatenated copies of the inputs.
+the state after position t - 1, or t + 1 when reversed), summed into one y with the skip term D x
+(D per head, or per position: Hydra's data-dependent diagonal), with no flipped or concatenated
+copies of the inputs.
 """
 import numpy as np
 import torch
@@ -29,14 +30,14 @@ BACKWARD_CHUNK = 256
 
 
 @njit(**JIT_OPTIONS)
-def _forward(x, dt, A, B, C, D, mask, initial, final, y, b0, b1, h0, h1, reverse, shift):
+def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, reverse, shift):
     """Rows b0:b1, heads h0:h1. x, y: (batch, length, heads, p); dt: (batch, length, heads); A: (heads,);
-    B, C: (batch, length, groups, n); D: (heads, p); mask: (batch, length), False at padded positions;
-    initial (batch, heads, p, n): the state before the first position; final, like it: written with
-    the state after the last one. mask, initial and final of size 0 stand for none, zeros and not
-    wanted. Adds each position's output (C_t . S_t + D x_t) to y at its position, moved one on in scan
-    order if ``shift``. A padded position is skipped (no state change, no output) and nothing is
-    written to it."""
+    B, C: (batch, length, groups, n); D: the skip term, (1 or batch, 1 or length, heads, 1 or p), added
+    if ``skip``; mask: (batch, length), False at padded positions; initial (batch, heads, p, n): the
+    state before the first position; final, like it: written with the state after the last one. mask,
+    initial and final of size 0 stand for none, zeros and not wanted. Adds each position's read-out
+    C_t . S_t to y at its position, moved one on in scan order if ``shift``, and D x_t at its own
+    position. A padded position is skipped (no state change, no output) and nothing is written to it."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     per_group = heads // B.shape[2]
     step = -1 if reverse else 1
@@ -57,25 +58,28 @@ def _forward(x, dt, A, B, C, D, mask, initial, final, y, b0, b1, h0, h1, reverse
                 write = 0 <= out < length and (not masked or mask[b, out])
                 a = exp32(dt[b, t, h] * A[h])
                 B_t, C_t, x_t, y_t = B[b, t, g], C[b, t, g], x[b, t, h], y[b, out if write else t, h]
+                D_t, y_own = D[min(b, D.shape[0] - 1), min(t, D.shape[1] - 1), h], y[b, t, h]
                 for p in range(headdim):
                     xdt = x_t[p] * dt[b, t, h]
                     s_p = s[p]
-                    acc = D[h, p] * x_t[p]
+                    acc = x.dtype.type(0)
                     for n in range(s_p.shape[0]):
                         s_p[n] = a * s_p[n] + xdt * B_t[n]
                         acc += s_p[n] * C_t[n]
                     if write:
                         y_t[p] += acc
+                    if skip:
+                        y_own[p] += D_t[min(p, D_t.shape[0] - 1)] * x_t[p]
             if final.shape[0]:
                 final[b, h] = s
 
 
 @njit(**JIT_OPTIONS)
-def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB, dC, dA, dD, d_initial, b0, b1,
+def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, ddt, dB, dC, dA, dD, d_initial, b0, b1,
               chunk, reverse, shift):
     """Gradients of :func:`_forward` for rows b0:b1, all heads. grad_final: dL/d(final state), like
     ``initial``. ddt like dt, d_initial like initial: written; dx like x, dB, dC (zeroed by the caller),
-    dA (heads,), dD (heads, p): accumulated into. initial, grad_final and d_initial of size 0 stand for
+    dA (heads,), dD (like D): accumulated into. initial, grad_final and d_initial of size 0 stand for
     zeros, zeros and not wanted."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     n_state = B.shape[3]
@@ -146,6 +150,13 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
                     B_t, C_t, x_t = B[b, t, g], C[b, t, g], x[b, t, h]
                     written = 0 <= out < length and (not masked or mask[b, out])
                     gy_t = grad_y[b, out, h] if written else no_grad
+                    if skip:   # D x_t went to y at t itself
+                        D_i, D_j = min(b, D.shape[0] - 1), min(t, D.shape[1] - 1)
+                        D_t, dD_t, gy_own = D[D_i, D_j, h], dD[D_i, D_j, h], grad_y[b, t, h]
+                        for p in range(headdim):
+                            q = min(p, D_t.shape[0] - 1)
+                            dD_t[q] += gy_own[p] * x_t[p]
+                            dx[b, t, h, p] += D_t[q] * gy_own[p]
                     grad_sB[:] = 0
                     grad_sC[:] = 0
                     grad_a = x.dtype.type(0)       # dL/da_t, summed over the state
@@ -153,7 +164,6 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
                     for p in range(headdim):
                         before, after, gs_p = states[j, p], states[j + 1, p], grad_s[p]
                         gy = gy_t[p]
-                        dD[h, p] += gy * x_t[p]
                         grad_xB = x.dtype.type(0)  # sum_n dL/dS_t[p, n] B_t[n]
                         for n in range(n_state):
                             gs = gs_p[n] + gy * C_t[n]
@@ -162,7 +172,7 @@ def _backward(x, dt, A, B, C, D, mask, initial, grad_y, grad_final, dx, ddt, dB,
                             grad_xB += gs * B_t[n]
                             grad_sB[n] += gs * x_t[p]
                             gs_p[n] = gs * a
-                        dx[b, t, h, p] += D[h, p] * gy + dt_t * grad_xB
+                        dx[b, t, h, p] += dt_t * grad_xB
                         grad_dt += grad_xB * x_t[p]
                     for n in range(n_state):
                         dB[b, t, g, n] += dt_t * grad_sB[n]
@@ -179,8 +189,7 @@ def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states,
     dtype = torch.promote_types(x.dtype, torch.float32)
     b, l, h, p = x.shape
     n = dt_B_C[1].shape[-1]
-    D_hp = (torch.zeros(h, p, dtype=dtype) if D is None
-            else D.detach().to(dtype).reshape(h, -1).expand(h, p).contiguous())
+    D_4d = skip_term(D, h, dtype)
     none = torch.empty(0, 0, 0, 0, dtype=dtype)     # no initial states (zeros), no final states wanted
     initial = none if initial_states is None else initial_states.detach().to(dtype).contiguous()
     x_, A_ = (t.detach().to(dtype).contiguous() for t in (x, A))
@@ -188,21 +197,31 @@ def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states,
     scans = [t.detach().to(dtype).contiguous() for t in dt_B_C]
     finals = [torch.empty(b, h, p, n, dtype=dtype) if return_final_states else none for _ in reverse]
     y = torch.zeros(b, l, h, p, dtype=dtype)
-    x_np, A_np, D_np, mask_np, initial_np, y_np = (t.numpy() for t in (x_, A_, D_hp, mask, initial, y))
-    directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), finals[i].numpy(), backwards)
-                  for i, backwards in enumerate(reverse)]
+    x_np, A_np, D_np, mask_np, initial_np, y_np = (t.numpy() for t in (x_, A_, D_4d, mask, initial, y))
+    # The first direction adds the skip term.
+    directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), finals[i].numpy(), backwards,
+                   i == 0 and D is not None) for i, backwards in enumerate(reverse)]
 
     def scan(b0, b1, h0, h1):
-        for dt_np, B_np, C_np, final_np, backwards in directions:
-            _forward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, initial_np, final_np, y_np, b0, b1, h0, h1,
-                     backwards, shift)
+        for dt_np, B_np, C_np, final_np, backwards, skip in directions:
+            _forward(x_np, dt_np, A_np, B_np, C_np, D_np, skip, mask_np, initial_np, final_np, y_np, b0, b1, h0,
+                     h1, backwards, shift)
 
     if b >= threads():
         run_parts(lambda b0, b1: scan(b0, b1, 0, h), split(b, threads()))
     else:  # few rows: the heads are independent, split them instead
         for row in range(b):
             run_parts(lambda h0, h1: scan(row, row + 1, h0, h1), split(h, threads()))
-    return y, finals, (x_, A_, D_hp, mask, initial, *scans)
+    return y, finals, (x_, A_, D_4d, mask, initial, *scans)
+
+
+def skip_term(D, heads, dtype):
+    """D (heads,), (heads, p) or per position (b, l, heads) as the kernels take it, (1 or b, 1 or l,
+    heads, 1 or p); zeros (1, 1, heads, 1) for None."""
+    if D is None:
+        return torch.zeros(1, 1, heads, 1, dtype=dtype)
+    D = D.detach().to(dtype)
+    return (D.unsqueeze(-1) if D.dim() == 3 else D.reshape(1, 1, heads, -1)).contiguous()
 
 
 def _scans(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C):
@@ -232,7 +251,7 @@ class _FusedScans(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *grad_finals):
-        x, A, D_hp, mask, initial, *scans = ctx.saved_tensors
+        x, A, D_4d, mask, initial, *scans = ctx.saved_tensors
         grad_y = grad_y.to(x.dtype).contiguous()
         dx = torch.zeros_like(x)
         none = torch.empty(0, 0, 0, 0, dtype=x.dtype)
@@ -243,22 +262,24 @@ class _FusedScans(torch.autograd.Function):
             grad_finals = [None] * len(ctx.reverse)
         grad_finals = [none if g is None else g.to(x.dtype).contiguous() for g in grad_finals]
         x_np, A_np, D_np, mask_np, initial_np, grad_y_np, dx_np = (
-            t.numpy() for t in (x, A, D_hp, mask, initial, grad_y, dx))
+            t.numpy() for t in (x, A, D_4d, mask, initial, grad_y, dx))
         directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), grad_finals[i].numpy(),
-                       *(t.numpy() for t in d_scans[3 * i:3 * i + 3]), d_initial[i].numpy(), backwards)
+                       *(t.numpy() for t in d_scans[3 * i:3 * i + 3]), d_initial[i].numpy(), backwards,
+                       i == 0 and ctx.D_shape is not None)
                       for i, backwards in enumerate(ctx.reverse)]
 
         def scan(b0, b1):  # each thread sums the parameters' gradients over its rows
             dA, dD = np.zeros_like(A_np), np.zeros_like(D_np)
-            for dt_np, B_np, C_np, grad_final_np, ddt_np, dB_np, dC_np, d_initial_np, backwards in directions:
-                _backward(x_np, dt_np, A_np, B_np, C_np, D_np, mask_np, initial_np, grad_y_np, grad_final_np, dx_np,
-                          ddt_np, dB_np, dC_np, dA, dD, d_initial_np, b0, b1, BACKWARD_CHUNK, backwards, ctx.shift)
+            for dt_np, B_np, C_np, grad_final_np, ddt_np, dB_np, dC_np, d_initial_np, backwards, skip in directions:
+                _backward(x_np, dt_np, A_np, B_np, C_np, D_np, skip, mask_np, initial_np, grad_y_np, grad_final_np,
+                          dx_np, ddt_np, dB_np, dC_np, dA, dD, d_initial_np, b0, b1, BACKWARD_CHUNK, backwards,
+                          ctx.shift)
             return dA, dD
 
         parts = run_parts(scan, split(x.shape[0], threads()))
         dA, dD = (torch.from_numpy(sum(part[i] for part in parts)) for i in range(2))
         if ctx.D_shape is not None:
-            dD = dD.sum(1) if len(ctx.D_shape) == 1 else dD
+            dD = dD.reshape(ctx.D_shape)
         d_initial_states = sum(d_initial) if ctx.input_dtypes[3] is not None else None
         grads = [None if dtype is None else grad.to(dtype)
                  for grad, dtype in zip((dx, dA, dD, d_initial_states, *d_scans), ctx.input_dtypes)]
@@ -271,9 +292,8 @@ def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_sta
     return _scans((False,), False, return_final_states, x, A, D, initial_states, mask, dt, B, C)
 
 
-def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, mask=None):
-    """Hydra's two scans by the compiled kernels, without D: y[t] = (forward scan's output at t - 1)
-    + (backward scan's output at t + 1), each 0 past the ends. Shapes as
-    :func:`recbole_ssm.ops.hydra.hydra_mixer`; padded positions (``mask`` False) are skipped by both
-    scans and get y = 0. Returns (b, l, h, p)."""
-    return _scans((False, True), True, False, x, A, None, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd, C_bwd)
+def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, mask=None):
+    """Hydra's mixer by the compiled kernels: y[t] = (forward scan's output at t - 1) + (backward scan's
+    output at t + 1), each 0 past the ends, + D x[t]. Shapes as :func:`recbole_ssm.ops.hydra.hydra_mixer`;
+    padded positions (``mask`` False) are skipped by both scans and get y = 0. Returns (b, l, h, p)."""
+    return _scans((False, True), True, False, x, A, D, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd, C_bwd)
