@@ -43,6 +43,8 @@ def test_gated_rmsnorm(group_size, backend):
                     assert got_grad is None or not got_grad.any()
                 else:
                     torch.testing.assert_close(got_grad, ref_grad, rtol=0, atol=1e-12)
+        with torch.no_grad():  # without autograd (the compiled op's inference path)
+            torch.testing.assert_close(norm(x, z), reference(norm.weight), rtol=0, atol=1e-12)
 
 
 def test_half_precision_input_is_computed_in_float32():

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
 
 
@@ -81,20 +82,27 @@ def _backward(x, z, weight, eps, group_size, norm_before_gate, grad_out, grad_x,
                 grad_x[r, c] = grad_v[c]
 
 
+def _normalise(x, weight, z, eps, group_size, norm_before_gate):
+    """The forward kernel on the callers' tensors: the output (rows, d) in the computing dtype, and the
+    kernel's inputs (which the backward pass needs)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    d = x.shape[-1]
+    rows = (x.detach().to(dtype).reshape(-1, d).contiguous(),
+            torch.empty(0, 0, dtype=dtype) if z is None else z.detach().to(dtype).reshape(-1, d).contiguous(),
+            weight.detach().to(dtype).contiguous())
+    out = torch.empty_like(rows[0])
+    arrays = [t.numpy() for t in rows]
+    out_np = out.numpy()
+    run_parts(lambda r0, r1: _forward(*arrays, eps, group_size, norm_before_gate, out_np, r0, r1),
+              split(out.shape[0], threads()))
+    return out, rows
+
+
 class _FusedGatedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, z, eps, group_size, norm_before_gate):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        d = x.shape[-1]
-        rows = (x.detach().to(dtype).reshape(-1, d).contiguous(),
-                torch.empty(0, 0, dtype=dtype) if z is None else z.detach().to(dtype).reshape(-1, d).contiguous(),
-                weight.detach().to(dtype).contiguous())
-        out = torch.empty_like(rows[0])
-        arrays = [t.numpy() for t in rows]
-        out_np = out.numpy()
-        run_parts(lambda r0, r1: _forward(*arrays, eps, group_size, norm_before_gate, out_np, r0, r1),
-                  split(out.shape[0], threads()))
+        out, rows = _normalise(x, weight, z, eps, group_size, norm_before_gate)
         ctx.save_for_backward(*rows)
         ctx.options = (eps, group_size, norm_before_gate)
         ctx.shapes_and_dtypes = (x.shape, x.dtype, weight.dtype, None if z is None else z.dtype)
@@ -123,4 +131,7 @@ def gated_rmsnorm_fused(x, weight, z=None, eps=1e-5, group_size=None, norm_befor
     """Gated RMSNorm by the compiled kernels; arguments and result as
     :func:`recbole_ssm.ops.gated_rmsnorm.gated_rmsnorm` (CPU tensors)."""
     group_size = x.shape[-1] if group_size is None else group_size
-    return _FusedGatedRMSNorm.apply(x, weight, z, float(eps), int(group_size), bool(norm_before_gate))
+    options = (float(eps), int(group_size), bool(norm_before_gate))
+    if needs_grad(x, weight, z):
+        return _FusedGatedRMSNorm.apply(x, weight, z, *options)
+    return _normalise(x, weight, z, *options)[0].reshape(x.shape).to(x.dtype)
