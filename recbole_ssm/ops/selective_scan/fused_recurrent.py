@@ -86,11 +86,12 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
     grad_h = np.empty((n_state, d_inner), u.dtype)             # dL/dh entering the chunk after
     g = np.empty(d_inner, u.dtype)
     for b in range(b0, b1):
-        # States entering each chunk (no pass needed when the sequence is one chunk).
-        state = entering[0]
+        # States entering each chunk (no pass needed when the sequence is one chunk), run in grad_h,
+        # which is zeroed after.
+        state = grad_h
         state[:] = initial[b]
         for t in range(length if chunks > 1 else 0):
-            if t % chunk == 0 and t > 0:
+            if t % chunk == 0:
                 entering[t // chunk] = state
             _step_rates(delta[b, t], bias, use_softplus, rates[0])
             for d in range(d_inner):
@@ -99,8 +100,6 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
                 A_n, h_n, B_tn = A_T[n], state[n], B[b, t, n]
                 for d in range(d_inner):
                     h_n[d] = decay(rates[0, d] * A_n[d]) * h_n[d] + drive[0, d] * B_tn
-        if chunks > 1:
-            entering[0] = initial[b]
         grad_h[:] = 0
         for c in range(chunks - 1, -1, -1):
             t0 = c * chunk

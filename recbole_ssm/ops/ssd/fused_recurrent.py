@@ -30,6 +30,15 @@ BACKWARD_CHUNK = 256
 
 
 @njit(**JIT_OPTIONS)
+def _row_or_zeros(source, b, h, out):
+    """out = source[b, h], or zeros where ``source`` has size 0 (no initial states, no final gradient)."""
+    if source.shape[0]:
+        out[:] = source[b, h]
+    else:
+        out[:] = 0
+
+
+@njit(**JIT_OPTIONS)
 def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, reverse, shift):
     """Rows b0:b1, heads h0:h1. x, y: (batch, length, heads, p); dt: (batch, length, heads); A: (heads,);
     B, C: (batch, length, groups, n); D: the skip term, (1 or batch, 1 or length, heads, 1 or p), added
@@ -46,10 +55,7 @@ def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, r
     for b in range(b0, b1):
         for h in range(h0, h1):
             g = h // per_group
-            if initial.shape[0]:
-                s[:] = initial[b, h]
-            else:
-                s[:] = 0
+            _row_or_zeros(initial, b, h, s)
             for k in range(length):
                 t = length - 1 - k if reverse else k
                 if masked and not mask[b, t]:
@@ -98,10 +104,7 @@ def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, dd
         for h in range(heads):
             g = h // per_group
             s = states[0]
-            if initial.shape[0]:
-                s[:] = initial[b, h]
-            else:
-                s[:] = 0
+            _row_or_zeros(initial, b, h, s)
             for k in range(length if chunks > 1 else 0):
                 t = length - 1 - k if reverse else k
                 if k % chunk == 0:
@@ -113,19 +116,14 @@ def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, dd
                     xdt = x[b, t, h, p] * dt[b, t, h]
                     for n in range(n_state):
                         s[p, n] = a * s[p, n] + xdt * B[b, t, g, n]
-            if grad_final.shape[0]:
-                grad_s[:] = grad_final[b, h]
-            else:
-                grad_s[:] = 0
+            _row_or_zeros(grad_final, b, h, grad_s)
             for c in range(chunks - 1, -1, -1):
                 k0 = c * chunk
                 k1 = min(length, k0 + chunk)
                 if chunks > 1:
                     states[0] = entering[c]
-                elif initial.shape[0]:
-                    states[0] = initial[b, h]
                 else:
-                    states[0] = 0
+                    _row_or_zeros(initial, b, h, states[0])
                 for k in range(k0, k1):
                     t = length - 1 - k if reverse else k
                     j = k - k0
