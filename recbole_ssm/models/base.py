@@ -18,8 +18,9 @@ class SSMSequentialRecommender(SequentialRecommender):
     representation at each user's last real item, scored against the whole item embedding table.
 
     Subclasses name their block in ``mixer_class``, a module with a ``causal`` attribute, called as
-    ``mixer(x, mask)`` with x: (batch, length, hidden_size) and mask: (batch, length) bool, True on real
-    items (None for a causal block), and built as
+    ``mixer(x, mask, positions=None)`` with x: (batch, length, hidden_size), mask: (batch, length) bool,
+    True on real items (None for a causal block), and positions: (batch,) or None (then the output at
+    those positions only, (batch, hidden_size)), and built as
     ``mixer_class(d_model=hidden_size, backend=ssm_backend, **{key: config[key] for key in
     mixer_config_keys})``; ``centred_conv``: whether the block's convolution is centred (odd
     ``d_conv``) rather than causal. Every key read is checked first (:mod:`recbole_ssm.models.checks`).

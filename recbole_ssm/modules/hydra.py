@@ -32,12 +32,12 @@ class HydraBlock(SSDBlockBase):
                          norm_groups=1, norm_before_gate=True)
         self.fc_D = nn.Linear(self.d_inner, self.nheads, bias=False)
 
-    def forward(self, hidden_states, mask=None):
+    def forward(self, hidden_states, mask=None, positions=None):
         """hidden_states: (b, l, d_model); mask: (b, l) bool or None, True = real item. Padded positions
         are invisible to the real ones (the convolution and both scans skip them) and get output 0, so
         outputs at real positions do not depend on the padding nor on the other rows.
-        Returns (b, l, d_model)."""
-        z, xBC, dt = self.project(hidden_states, mask)
+        Returns (b, l, d_model), or (b, d_model) at ``positions`` (b,) only."""
+        z, xBC, dt = self.project(hidden_states, mask, positions)
         xBC = self.convolve(xBC)
         gn = self.ngroups * self.d_state
         x, B_fwd, C_fwd, B_bwd, C_bwd = xBC.split([self.d_inner, gn, gn, gn, gn], dim=-1)
@@ -48,4 +48,4 @@ class HydraBlock(SSDBlockBase):
         y = hydra_mixer(x.unflatten(-1, (self.nheads, self.headdim)), dt[:, :, 0], dt[:, :, 1], self.A(),
                         B_fwd, C_fwd, B_bwd, C_bwd, diagonal, self.chunk_size, mask=mask,
                         backend=self.backend)  # (b, l, nheads, headdim)
-        return self.output(y, z)
+        return self.output(y, z, positions)

@@ -3,8 +3,9 @@
 As in Mamba4Rec (Liu et al. 2024, arXiv 2403.03900): mixer -> dropout -> LayerNorm, with a residual
 connection only when layers are stacked, then the SASRec-style feed-forward network.
 """
-import torch
 import torch.nn as nn
+
+from recbole_ssm.modules.positions import at_positions
 
 
 class FeedForward(nn.Module):
@@ -28,8 +29,8 @@ class MixerLayer(nn.Module):
     """mixer(x, mask) -> dropout -> (+ x if residual) -> LayerNorm -> FeedForward (4x inner size).
 
     With ``positions`` (batch,), the output at those positions only, (batch, d_model): everything
-    after the mixer is position-wise, so it is computed there alone (a model that predicts from each
-    user's last item needs nothing else from its last layer)."""
+    after the mixer's sequence scan is position-wise, so it is computed there alone (a model that
+    predicts from each user's last item needs nothing else from its last layer)."""
 
     def __init__(self, mixer, d_model, dropout, residual, eps=1e-12):
         super().__init__()
@@ -42,22 +43,23 @@ class MixerLayer(nn.Module):
     def forward(self, x, mask=None, positions=None, return_state=False):  # (b, l, d_model), (b, l) bool, (b,)
         """With ``return_state`` (causal mixers, see :mod:`recbole_ssm.modules.streaming`), (output, the
         mixer's state after each row's last real position, which ``mask`` then marks)."""
-        if not return_state:
-            return self.after_mixer(self.mixer(x, mask), x, positions)
-        mixed, state = self.mixer(x, mask, return_state=True)
-        return self.after_mixer(mixed, x, positions), state
+        if return_state:
+            mixed, state = self.mixer(x, mask, positions=positions, return_state=True)
+        else:
+            mixed, state = self.mixer(x, mask, positions=positions), None
+        if positions is not None:
+            x = at_positions(x, positions)                          # (b, d_model)
+        out = self.after_mixer(mixed, x)
+        return (out, state) if return_state else out
 
     def step(self, x, state):
         """One new position per row through a causal mixer: x (b, d_model) -> (output, new state)."""
         mixed, state = self.mixer.step(x, state)
         return self.after_mixer(mixed, x), state
 
-    def after_mixer(self, hidden, x, positions=None):
-        """Dropout, residual, LayerNorm and feed-forward after the mixer (at ``positions`` only if given);
-        ``x`` is the mixer's input."""
-        if positions is not None:
-            rows = torch.arange(len(positions), device=positions.device)
-            hidden, x = hidden[rows, positions], x[rows, positions]  # (b, d_model)
+    def after_mixer(self, hidden, x):
+        """Dropout, residual, LayerNorm and feed-forward of the mixer's output ``hidden``; ``x`` is the
+        mixer's input (both at the same positions)."""
         hidden = self.dropout(hidden)
         if self.residual:
             hidden = hidden + x

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recbole_ssm.modules.arguments import check_positive_integers
+from recbole_ssm.modules.positions import at_positions
 from recbole_ssm.modules.streaming import CausalStreaming, convolve_continuing, real_lengths
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d
@@ -85,22 +86,26 @@ class MambaBlock(CausalStreaming, nn.Module):
                                     dtype=torch.promote_types(weight.dtype, torch.float32)),
         }
 
-    def project_in(self, hidden_states):
-        """x and z, (b, d_inner, l) each, by in_proj's two halves: each is a transposed view of its own
-        (b, l, d_inner) array, the layout of the CPU kernels, which then need no copy of it (nor the
-        backward pass a concatenation of the halves' gradients)."""
-        weights = self.in_proj.weight.chunk(2)
-        biases = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-        return [F.linear(hidden_states, weight, bias).transpose(1, 2) for weight, bias in zip(weights, biases)]
+    def project_in(self, hidden_states, positions=None):
+        """x (b, d_inner, l) and z, by in_proj's two halves: each a transposed view of its own (b, l, d_inner)
+        array, the layout of the CPU kernels, which then need no copy of it (nor the backward pass a
+        concatenation of the halves' gradients). With ``positions`` (b,), z only there: (b, d_inner)."""
+        (x_weight, z_weight), (x_bias, z_bias) = self.in_proj.weight.chunk(2), (
+            (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2))
+        x = F.linear(hidden_states, x_weight, x_bias).transpose(1, 2)
+        if positions is not None:
+            return x, F.linear(at_positions(hidden_states, positions), z_weight, z_bias)
+        return x, F.linear(hidden_states, z_weight, z_bias).transpose(1, 2)
 
-    def forward(self, hidden_states, mask=None, state=None, return_state=False):
+    def forward(self, hidden_states, mask=None, state=None, return_state=False, positions=None):
         """With ``state`` (from :meth:`empty_state` or an earlier call) the sequence continues from it;
         with ``return_state`` the result is (output, state after each row's last real position), for
-        right-padded rows."""
+        right-padded rows. With ``positions`` (b,), the output at those positions only, (b, d_model):
+        the scan still runs over every position, the z gate and out_proj only there."""
         streaming = state is not None or return_state
         if mask is not None:
             hidden_states = hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
-        x, z = self.project_in(hidden_states)                        # (b, d_inner, l) each
+        x, z = self.project_in(hidden_states, positions)            # (b, d_inner, l); z alike or (b, d_inner)
         if streaming:
             lengths = None if mask is None else real_lengths(mask)
             x, conv_state = convolve_continuing(x.transpose(1, 2), self.conv1d, self.backend,
@@ -118,17 +123,20 @@ class MambaBlock(CausalStreaming, nn.Module):
         A = -torch.exp(at_least_float32(self.A_log))                # (d_inner, d_state)
         B, C, D = B.transpose(1, 2), C.transpose(1, 2), at_least_float32(self.D)
         dt_bias = at_least_float32(self.dt_proj.bias)
-        if not streaming:
-            y = selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                               backend=self.backend)               # (b, d_inner, l)
-            return self.out_proj(y.transpose(1, 2))
-        if mask is not None:
+        scan_gate = z if positions is None else None                # the gate inside the scan, or after it
+        if streaming and mask is not None:
             # Padded positions convolve the real inputs before them, so their step sizes softplus(...)
             # are > 0 and would decay and drive the state; a step size of 0 leaves it as it is.
             dt = F.softplus(dt + dt_bias.unsqueeze(-1)).masked_fill(~mask.unsqueeze(1), 0)
             dt_bias = None
-        y, ssm_state = selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias,
-                                      delta_softplus=dt_bias is not None,
-                                      initial_state=None if state is None else state["ssm"].transpose(1, 2),
-                                      return_last_state=True, backend=self.backend)
-        return self.out_proj(y.transpose(1, 2)), {"conv": conv_state, "ssm": ssm_state.transpose(1, 2)}
+        out = selective_scan(x, dt, A, B, C, D, z=scan_gate, delta_bias=dt_bias,
+                             delta_softplus=dt_bias is not None,
+                             initial_state=None if state is None else state["ssm"].transpose(1, 2),
+                             return_last_state=streaming, backend=self.backend)
+        y, ssm_state = out if streaming else (out, None)            # (b, d_inner, l)
+        y = y.transpose(1, 2)
+        if positions is not None:
+            y = at_positions(y, positions) * F.silu(z)              # (b, d_inner)
+        if not streaming:
+            return self.out_proj(y)
+        return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state.transpose(1, 2)}

@@ -40,14 +40,14 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
                                     dtype=torch.promote_types(weight.dtype, torch.float32)),
         }
 
-    def forward(self, hidden_states, mask=None, state=None, return_state=False):
+    def forward(self, hidden_states, mask=None, state=None, return_state=False, positions=None):
         """hidden_states: (b, l, d_model); mask: (b, l) bool or None, True = real item (padding makes no
         state change and gets output 0). Returns (b, l, d_model); output t depends on inputs up to t.
         With ``state`` (from :meth:`empty_state` or an earlier call) the sequence continues from it; with
         ``return_state`` the result is (output, state after each row's last real position), for
-        right-padded rows."""
+        right-padded rows. With ``positions`` (b,), the output at those positions only, (b, d_model)."""
         streaming = state is not None or return_state
-        z, xBC, dt = self.project(hidden_states, mask)
+        z, xBC, dt = self.project(hidden_states, mask, positions)
         if streaming:
             lengths = None if mask is None else real_lengths(mask)
             xBC, conv_state = convolve_continuing(xBC, self.conv1d, self.backend,
@@ -61,6 +61,6 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
                        D=self.D, initial_states=None if state is None else state["ssm"],
                        return_final_states=streaming, mask=mask, backend=self.backend)
         if not streaming:
-            return self.output(out, z)
+            return self.output(out, z, positions)
         y, ssm_state = out  # (b, l, nheads, headdim), (b, nheads, headdim, d_state)
-        return self.output(y, z), {"conv": conv_state, "ssm": ssm_state}
+        return self.output(y, z, positions), {"conv": conv_state, "ssm": ssm_state}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from recbole_ssm.modules.arguments import check_positive_integers
 from recbole_ssm.modules.norm import RMSNormGated
+from recbole_ssm.modules.positions import at_positions
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d
 
@@ -69,12 +70,13 @@ class SSDBlockBase(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
-    def project(self, hidden_states, mask=None):
+    def project(self, hidden_states, mask=None, positions=None):
         """Input projection, before the convolution.
 
         hidden_states: (b, l, d_model); mask: (b, l) bool or None (True = real position), zeroes the
-        convolution's input at padded positions. Returns z (b, l, d_inner); xBC (b, l, d_inner + bc_dim),
-        the convolution's input; dt (b, l, directions, nheads) after softplus(dt + dt_bias).
+        convolution's input at padded positions. Returns z (b, l, d_inner), or (b, d_inner) at
+        ``positions`` (b,) only; xBC (b, l, d_inner + bc_dim), the convolution's input; dt (b, l,
+        directions, nheads) after softplus(dt + dt_bias).
         """
         if mask is not None:
             # in_proj has no bias, so xBC is 0 at padded positions; z and dt there reach no real position
@@ -82,8 +84,10 @@ class SSDBlockBase(nn.Module):
             hidden_states = hidden_states.masked_fill(~mask.unsqueeze(-1), 0)
         # One product per part of in_proj, each a contiguous array (the compiled kernels' layout): no
         # copies of column slices, and no concatenation of the parts' gradients.
-        weights = self.in_proj.weight.split([self.d_inner, self.conv1d.in_channels, self.directions * self.nheads])
-        z, xBC, dt = (F.linear(hidden_states, weight) for weight in weights)
+        z_weight, xBC_weight, dt_weight = self.in_proj.weight.split(
+            [self.d_inner, self.conv1d.in_channels, self.directions * self.nheads])
+        z = F.linear(hidden_states if positions is None else at_positions(hidden_states, positions), z_weight)
+        xBC, dt = F.linear(hidden_states, xBC_weight), F.linear(hidden_states, dt_weight)
         dt = F.softplus(dt.unflatten(-1, (self.directions, self.nheads)) + self.dt_bias)
         return z, xBC, dt
 
@@ -96,6 +100,10 @@ class SSDBlockBase(nn.Module):
         """The decay rates, -exp(A_log), in float32 at least: (nheads,)."""
         return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
 
-    def output(self, y, z):
-        """Gated norm and output projection: y (b, l, nheads, headdim), z (b, l, d_inner) -> (b, l, d_model)."""
-        return self.out_proj(self.norm(y.flatten(-2), z))
+    def output(self, y, z, positions=None):
+        """Gated norm and output projection: y (b, l, nheads, headdim), z (b, l, d_inner) -> (b, l, d_model);
+        with ``positions`` (b,), at those positions only: z (b, d_inner) -> (b, d_model)."""
+        y = y.flatten(-2)
+        if positions is not None:
+            y = at_positions(y, positions)
+        return self.out_proj(self.norm(y, z))
