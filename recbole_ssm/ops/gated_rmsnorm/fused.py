@@ -12,26 +12,58 @@ from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threa
 
 
 @njit(**JIT_OPTIONS)
+def _gate(z_r, gate, slope):
+    """gate = silu(z_r) and, if ``slope`` has a size, slope = silu'(z_r)."""
+    if slope.shape[0]:
+        for c in range(z_r.shape[0]):
+            sig = 1 / (1 + exp32(-z_r[c]))
+            gate[c] = z_r[c] * sig
+            slope[c] = sig * (1 + z_r[c] * (1 - sig))
+    else:
+        for c in range(z_r.shape[0]):
+            gate[c] = z_r[c] / (1 + exp32(-z_r[c]))
+
+
+@njit(**JIT_OPTIONS)
+def _normalised_input(x_r, gate, gate_first, v):
+    """v = x_r * gate if ``gate_first`` else x_r."""
+    if gate_first:
+        for c in range(x_r.shape[0]):
+            v[c] = x_r[c] * gate[c]
+    else:
+        v[:] = x_r
+
+
+# The loops below run over whole arrays, with their branches outside them (a group is a slice of its own): loops over a sub-range of
+# indices, range(g0, g0 + group_size), or with a branch inside, vectorised about twice worse (Numba
+# must allow for negative indices there; LLVM did not take the branches out).
+
+@njit(**JIT_OPTIONS)
 def _forward(x, z, weight, eps, group_size, norm_before_gate, out, r0, r1):
     """Rows r0:r1 of x, out: (rows, d); z: like x, or (0, 0) for no gate."""
     d = x.shape[1]
-    v = np.empty(d, x.dtype)
+    v = np.empty(d, x.dtype)          # what is normalised: x, or x * silu(z)
+    gate = np.ones(d, x.dtype)        # silu(z), or 1
+    no_slope = np.empty(0, x.dtype)
+    gated = z.shape[0] > 0
     for r in range(r0, r1):
         x_r, out_r = x[r], out[r]
-        gated = z.shape[0] > 0
-        for c in range(d):
-            v[c] = x_r[c]
-            if gated and not norm_before_gate:
-                v[c] *= z[r, c] / (1 + exp32(-z[r, c]))
+        if gated:
+            _gate(z[r], gate, no_slope)
+        _normalised_input(x_r, gate, gated and not norm_before_gate, v)
         for g0 in range(0, d, group_size):
+            v_g, out_g = v[g0:g0 + group_size], out_r[g0:g0 + group_size]
+            weight_g, gate_g = weight[g0:g0 + group_size], gate[g0:g0 + group_size]
             mean_square = x.dtype.type(0)
-            for c in range(g0, g0 + group_size):
-                mean_square += v[c] * v[c]
+            for c in range(group_size):
+                mean_square += v_g[c] * v_g[c]
             scale = 1 / math.sqrt(mean_square / group_size + eps)
-            for c in range(g0, g0 + group_size):
-                out_r[c] = v[c] * scale * weight[c]
-                if gated and norm_before_gate:
-                    out_r[c] *= z[r, c] / (1 + exp32(-z[r, c]))
+            if norm_before_gate:
+                for c in range(group_size):
+                    out_g[c] = v_g[c] * scale * weight_g[c] * gate_g[c]
+            else:
+                for c in range(group_size):
+                    out_g[c] = v_g[c] * scale * weight_g[c]
 
 
 @njit(**JIT_OPTIONS)
@@ -40,46 +72,50 @@ def _backward(x, z, weight, eps, group_size, norm_before_gate, grad_out, grad_x,
     (d,) accumulated into."""
     d = x.shape[1]
     v = np.empty(d, x.dtype)          # what is normalised: x, or x * silu(z)
-    grad_v = np.empty(d, x.dtype)     # dL/d(normalised input), before the group correction
-    gate = np.empty(d, x.dtype)       # silu(z)
+    grad_v = np.empty(d, x.dtype)     # dL/d(normalised input)
+    gate = np.ones(d, x.dtype)        # silu(z), or 1
     slope = np.empty(d, x.dtype)      # silu'(z)
     gated = z.shape[0] > 0
     for r in range(r0, r1):
         x_r, g_r = x[r], grad_out[r]
-        for c in range(d):
-            if gated:
-                sig = 1 / (1 + exp32(-z[r, c]))
-                gate[c] = z[r, c] * sig
-                slope[c] = sig * (1 + z[r, c] * (1 - sig))
-            else:
-                gate[c] = 1
-            v[c] = x_r[c] * gate[c] if gated and not norm_before_gate else x_r[c]
+        if gated:
+            _gate(z[r], gate, slope)
+        _normalised_input(x_r, gate, gated and not norm_before_gate, v)
         for g0 in range(0, d, group_size):
+            v_g, g_g, grad_v_g = v[g0:g0 + group_size], g_r[g0:g0 + group_size], grad_v[g0:g0 + group_size]
+            weight_g, grad_weight_g = weight[g0:g0 + group_size], grad_weight[g0:g0 + group_size]
+            gate_g, slope_g = gate[g0:g0 + group_size], slope[g0:g0 + group_size]
             mean_square = x.dtype.type(0)
-            for c in range(g0, g0 + group_size):
-                mean_square += v[c] * v[c]
+            for c in range(group_size):
+                mean_square += v_g[c] * v_g[c]
             scale = 1 / math.sqrt(mean_square / group_size + eps)
             dot = x.dtype.type(0)                      # sum_c dL/dn_c n_c, n = v * scale
-            for c in range(g0, g0 + group_size):
-                normalised = v[c] * scale
-                grad_n = g_r[c] * weight[c]
-                if gated and norm_before_gate:
-                    grad_weight[c] += g_r[c] * normalised * gate[c]
-                    grad_z[r, c] = g_r[c] * normalised * weight[c] * slope[c]
-                    grad_n *= gate[c]
-                else:
-                    grad_weight[c] += g_r[c] * normalised
-                grad_v[c] = grad_n
-                dot += grad_n * normalised
-            dot /= group_size
-            for c in range(g0, g0 + group_size):
-                grad_v[c] = scale * (grad_v[c] - v[c] * scale * dot)
-        for c in range(d):
-            if gated and not norm_before_gate:
-                grad_x[r, c] = grad_v[c] * gate[c]
-                grad_z[r, c] = grad_v[c] * x_r[c] * slope[c]
+            if gated and norm_before_gate:
+                grad_z_g = grad_z[r, g0:g0 + group_size]
+                for c in range(group_size):
+                    normalised = v_g[c] * scale
+                    grad_weight_g[c] += g_g[c] * normalised * gate_g[c]
+                    grad_z_g[c] = g_g[c] * normalised * weight_g[c] * slope_g[c]
+                    grad_v_g[c] = g_g[c] * weight_g[c] * gate_g[c]
+                    dot += grad_v_g[c] * normalised
             else:
-                grad_x[r, c] = grad_v[c]
+                for c in range(group_size):
+                    normalised = v_g[c] * scale
+                    grad_weight_g[c] += g_g[c] * normalised
+                    grad_v_g[c] = g_g[c] * weight_g[c]
+                    dot += grad_v_g[c] * normalised
+            dot /= group_size
+            for c in range(group_size):
+                grad_v_g[c] = scale * (grad_v_g[c] - v_g[c] * scale * dot)
+        grad_x_r = grad_x[r]
+        if gated and not norm_before_gate:
+            grad_z_r = grad_z[r]
+            for c in range(d):
+                grad_x_r[c] = grad_v[c] * gate[c]
+                grad_z_r[c] = grad_v[c] * x_r[c] * slope[c]
+        else:
+            for c in range(d):
+                grad_x_r[c] = grad_v[c]
 
 
 def _normalise(x, weight, z, eps, group_size, norm_before_gate):
