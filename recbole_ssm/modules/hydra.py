@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recbole_ssm.modules.ssd_base import SSDBlockBase
+from recbole_ssm.ops import ssd_mixer
 from recbole_ssm.ops.hydra import hydra_mixer
 
 
@@ -38,6 +39,8 @@ class HydraBlock(SSDBlockBase):
         outputs at real positions do not depend on the padding nor on the other rows.
         Returns (b, l, d_model), or (b, d_model) at ``positions`` (b,) only."""
         z, xBC, dt = self.project(hidden_states, mask, positions)
+        if ssd_mixer.applies(self.backend, xBC, self):
+            return self.out_proj(self.mix_without_gradients(z, xBC, dt, mask, positions))
         xBC = self.convolve(xBC)
         gn = self.ngroups * self.d_state
         x, B_fwd, C_fwd, B_bwd, C_bwd = xBC.split([self.d_inner, gn, gn, gn, gn], dim=-1)

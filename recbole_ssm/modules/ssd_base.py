@@ -16,6 +16,7 @@ from recbole_ssm.modules.norm import RMSNormGated
 from recbole_ssm.modules.positions import at_positions
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d
+from recbole_ssm.ops.ssd_mixer import ssd_mixer_no_grad
 
 # Initial time steps, sampled log-uniformly in [DT_MIN, DT_MAX], floored at DT_INIT_FLOOR (as mamba-ssm).
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -99,6 +100,17 @@ class SSDBlockBase(nn.Module):
     def A(self):
         """The decay rates, -exp(A_log), in float32 at least: (nheads,)."""
         return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
+    def mix_without_gradients(self, z, xBC, dt, mask=None, positions=None):
+        """Convolution, scans and gated norm in one compiled call, for CPU tensors under the compiled
+        backend when no gradient is needed (see :func:`recbole_ssm.ops.ssd_mixer.applies`): the
+        projections' outputs (as :meth:`project` returns them) -> out_proj's input, (b, l, d_inner), or
+        (b, d_inner) at ``positions``. Hydra's diagonal uses its ``fc_D``."""
+        fc_D = getattr(self, "fc_D", None)
+        return ssd_mixer_no_grad(xBC, dt, z, self.conv1d.weight, self.conv1d.bias, self.causal, self.A(), self.D,
+                                 None if fc_D is None else fc_D.weight, self.norm.weight, self.norm.eps,
+                                 self.norm.group_size, self.norm.norm_before_gate, self.headdim, self.d_state,
+                                 self.ngroups, mask, positions)
 
     def output(self, y, z, positions=None):
         """Gated norm and output projection: y (b, l, nheads, headdim), z (b, l, d_inner) -> (b, l, d_model);

@@ -1,0 +1,90 @@
+"""The compiled function of :mod:`recbole_ssm.ops.ssd_mixer`: the kernels of the convolution, the SSD
+scans and the gated RMSNorm called in turn, and its wrapper."""
+import numpy as np
+import torch
+from numba import njit
+
+from recbole_ssm.ops.compiled import JIT_OPTIONS, run_parts, split, threads
+from recbole_ssm.ops.conv.fused import _forward as convolve_rows
+from recbole_ssm.ops.conv.shifted import padding
+from recbole_ssm.ops.gated_rmsnorm.fused import _forward as normalise_rows
+from recbole_ssm.ops.ssd.fused_recurrent import _forward as scan_rows
+
+
+@njit(**JIT_OPTIONS)
+def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps, group_size, norm_before_gate,
+         shift, positions, conv_out, x, B, C, dt_scan, skip, y, at_positions, out, b0, b1):
+    """Rows b0:b1.
+
+    xBC (batch, length, d_inner + directions * 2 * g * n): the convolution's input, [x, (B, C) per
+    direction]; taps (width, channels), conv_bias (channels,); dt (batch, length, directions, heads),
+    softplus applied; A (heads,); D (heads,); fc_D (heads, d_inner) for Hydra's diagonal D + fc_D x_t,
+    or (0, 0); mask (batch, length) bool or (0, 0); z (batch * length, d_inner), or (batch, d_inner) at
+    ``positions`` (batch,) (size 0: all positions); out: like z. One direction: a forward scan; two:
+    forward and reversed. ``shift``: outputs moved one position on in scan order (Hydra).
+    Work arrays: conv_out like xBC; x, y (batch, length, heads, p); B, C (directions, batch, length, g,
+    n); dt_scan (directions, batch, length, heads); skip (batch or 1, length or 1, heads, 1);
+    at_positions (batch, d_inner).
+    """
+    batch, length, heads, headdim = x.shape
+    directions, d_inner = dt.shape[2], heads * headdim
+    bc = B.shape[3] * B.shape[4]
+    convolve_rows(xBC, taps, conv_bias, before, True, conv_out, b0, b1)
+    for b in range(b0, b1):
+        for t in range(length):
+            row, x_t = conv_out[b, t], x[b, t].reshape(d_inner)
+            x_t[:] = row[:d_inner]
+            for i in range(directions):
+                start = d_inner + 2 * i * bc
+                B[i, b, t].reshape(bc)[:] = row[start:start + bc]
+                C[i, b, t].reshape(bc)[:] = row[start + bc:start + 2 * bc]
+                dt_scan[i, b, t] = dt[b, t, i]
+            for h in range(fc_D.shape[0]):
+                diagonal = D[h]
+                for c in range(d_inner):
+                    diagonal += fc_D[h, c] * x_t[c]
+                skip[b, t, h, 0] = diagonal
+        y[b] = 0
+    no_states = np.empty((0, 0, 0, 0), x.dtype)
+    for i in range(directions):
+        scan_rows(x, dt_scan[i], A, B[i], C[i], skip, i == 0, mask, no_states, no_states, y, b0, b1, 0, heads,
+                  i == 1, shift)
+    if positions.shape[0]:
+        for b in range(b0, b1):
+            at_positions[b] = y[b, positions[b]].reshape(d_inner)
+        normalise_rows(at_positions, z, norm_weight, eps, group_size, norm_before_gate, out, b0, b1)
+    else:
+        normalise_rows(y.reshape(batch * length, d_inner), z, norm_weight, eps, group_size, norm_before_gate, out,
+                       b0 * length, b1 * length)
+
+
+def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weight, norm_weight, eps, group_size,
+                    norm_before_gate, headdim, d_state, ngroups, mask=None, positions=None):
+    """See :func:`recbole_ssm.ops.ssd_mixer.ssd_mixer_no_grad`."""
+    dtype = torch.promote_types(xBC.dtype, torch.float32)
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    batch, length, channels = xBC.shape
+    directions, heads = dt.shape[2], dt.shape[3]
+    d_inner, width = heads * headdim, conv_weight.shape[-1]
+
+    def array(tensor):  # (the checks cost less than PyTorch's calls that would return the tensor itself)
+        tensor = tensor.detach() if tensor.dtype == dtype else tensor.detach().to(dtype)
+        return (tensor if tensor.is_contiguous() else tensor.contiguous()).numpy()
+
+    D_np = array(D)
+    inputs = (array(xBC), array(conv_weight.reshape(channels, width).t()),
+              np.zeros(channels, np_dtype) if conv_bias is None else array(conv_bias), padding(width, causal)[0],
+              array(dt), array(A), D_np, np.empty((0, 0), np_dtype) if fc_D_weight is None else array(fc_D_weight),
+              np.empty((0, 0), np.bool_) if mask is None else mask.contiguous().numpy(),
+              array(z.reshape(-1, d_inner)), array(norm_weight), float(eps), int(group_size), bool(norm_before_gate),
+              directions == 2, np.empty(0, np.int64) if positions is None else positions.contiguous().numpy())
+    scan_shape = (directions, batch, length, ngroups, d_state)
+    skip = D_np.reshape(1, 1, heads, 1) if fc_D_weight is None else np.empty((batch, length, heads, 1), np_dtype)
+    work = (np.empty((batch, length, channels), np_dtype), np.empty((batch, length, heads, headdim), np_dtype),
+            np.empty(scan_shape, np_dtype), np.empty(scan_shape, np_dtype),
+            np.empty((directions, batch, length, heads), np_dtype), skip,
+            np.empty((batch, length, heads, headdim), np_dtype), np.empty((batch, d_inner), np_dtype))
+    out = torch.empty(z.shape, dtype=dtype)
+    out_np = out.numpy().reshape(-1, d_inner)
+    run_parts(lambda b0, b1: _mix(*inputs, *work, out_np, b0, b1), split(batch, threads()))
+    return out.to(xBC.dtype)

@@ -1,0 +1,91 @@
+"""The SSD blocks' compiled path without gradients (recbole_ssm.ops.ssd_mixer: convolution, scans and
+gated norm in one compiled call) against each block's reference forward written out (float64) and
+against the ops called one by one (with gradients, and under the torch backend), with padding masks,
+output positions, several groups and float32."""
+import pytest
+import torch
+
+from recbole_ssm.modules.hydra import HydraBlock
+from recbole_ssm.modules.mamba2 import Mamba2Block
+from recbole_ssm.ops.ssd_mixer import fused
+from tests.modules import test_hydra_block, test_mamba2_block
+from tests.ssd_reference import perturbed
+
+REFERENCES = {"mamba2": test_mamba2_block, "hydra": test_hydra_block}
+BLOCKS = {"mamba2": Mamba2Block, "hydra": HydraBlock}
+LENGTHS = torch.tensor([11, 5, 1])
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times the blocks called the one-call path."""
+    calls = []
+    original = fused.ssd_mixer_fused
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "ssd_mixer_fused", counted)
+    return calls
+
+
+def block_in(name, backend, dtype):
+    """The reference tests' block (ngroups 2, 4 heads; Hydra's centred conv of width 5), perturbed."""
+    reference = REFERENCES[name]
+    torch.manual_seed(0)
+    block = BLOCKS[name](reference.D_MODEL, d_state=reference.D_STATE, d_conv=reference.D_CONV, expand=2,
+                         headdim=reference.HEADDIM, ngroups=reference.NGROUPS, chunk_size=3, backend=backend)
+    return perturbed(block).to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+@pytest.mark.parametrize("name", BLOCKS)
+def test_float64_matches_the_reference_forward(name, backend, fused_calls):
+    block = block_in(name, backend, torch.float64)
+    u = torch.randn(3, 11, REFERENCES[name].D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        out = block(u)
+        expected = REFERENCES[name].reference_forward(block, u)
+    assert len(fused_calls) == 1
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", BLOCKS)
+def test_equals_the_ops_one_by_one_with_padding_and_positions(name, dtype, tolerance, fused_calls):
+    """Against the same block computing with gradients (the ops one by one, compiled) and under the
+    torch backend, right-padded rows, at all positions and at each row's last real item."""
+    block = block_in(name, "auto", dtype)
+    u = torch.randn(len(LENGTHS), 11, REFERENCES[name].D_MODEL, dtype=dtype)
+    mask = torch.arange(11) < LENGTHS.unsqueeze(1)
+    for positions in (None, LENGTHS - 1):
+        with torch.no_grad():
+            fast = block(u, mask, positions=positions)
+        one_by_one = block(u, mask, positions=positions).detach()      # gradients enabled: the ops path
+        block.backend = "torch"
+        with torch.no_grad():
+            reference = block(u, mask, positions=positions)
+        block.backend = "auto"
+        real = mask if positions is None else torch.ones(len(LENGTHS), dtype=torch.bool)
+        torch.testing.assert_close(fast[real], one_by_one[real], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(fast[real], reference[real], rtol=tolerance, atol=tolerance)
+    assert len(fused_calls) == 2
+
+
+def test_not_taken_where_gradients_are_needed_or_off_the_compiled_backend(fused_calls):
+    block = block_in("hydra", "auto", torch.float32)
+    u = torch.randn(2, 6, REFERENCES["hydra"].D_MODEL)
+    block(u).sum().backward()                          # parameters need gradients
+    for parameter in block.parameters():
+        parameter.requires_grad_(False)
+    block(u.requires_grad_()).sum().backward()         # the input needs them
+    block.backend = "torch"
+    with torch.no_grad():
+        block(u)
+    assert fused_calls == []
+    block.backend = "auto"
+    with torch.no_grad():
+        block(u)
+    block(u.detach())                                  # frozen parameters, input without gradient
+    assert len(fused_calls) == 2
