@@ -11,7 +11,7 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, exp32, run_parts, split, threads
 from recbole_ssm.ops.conv.shifted import padding
 
 
@@ -81,10 +81,10 @@ def _convolve(x, weight, bias, before, use_silu):
     kernel's inputs (which the backward pass needs)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     channels, width = weight.shape[0], weight.shape[-1]
-    inputs = (x.detach().to(dtype).transpose(1, 2).contiguous(),                 # (b, l, c)
-              weight.detach().to(dtype).reshape(channels, width).t().contiguous(),  # (width, c)
-              torch.zeros(channels, dtype=dtype) if bias is None else bias.detach().to(dtype).contiguous())
-    out = torch.empty_like(inputs[0])
+    inputs = (as_array(x.transpose(1, 2), dtype),                                  # (b, l, c)
+              as_array(weight.reshape(channels, width).t(), dtype),               # (width, c)
+              torch.zeros(channels, dtype=dtype) if bias is None else as_array(bias, dtype))
+    out = empty(inputs[0].shape, dtype)
     arrays = [t.numpy() for t in inputs]
     out_np = out.numpy()
     run_parts(lambda b0, b1: _forward(*arrays, before, use_silu, out_np, b0, b1), split(x.shape[0], threads()))
@@ -105,8 +105,8 @@ class _FusedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, taps, bias = ctx.saved_tensors
-        grad_out = grad_out.to(x.dtype).transpose(1, 2).contiguous()
-        grad_x = torch.empty_like(x)
+        grad_out = as_array(grad_out.transpose(1, 2), x.dtype)
+        grad_x = empty(x.shape, x.dtype)
         arrays = [t.numpy() for t in (x, taps, bias)]
         grad_out_np, grad_x_np = grad_out.numpy(), grad_x.numpy()
 

@@ -8,7 +8,7 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, exp32, run_parts, split, threads
 
 
 @njit(**JIT_OPTIONS)
@@ -123,10 +123,10 @@ def _normalise(x, weight, z, eps, group_size, norm_before_gate):
     kernel's inputs (which the backward pass needs)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     d = x.shape[-1]
-    rows = (x.detach().to(dtype).reshape(-1, d).contiguous(),
-            torch.empty(0, 0, dtype=dtype) if z is None else z.detach().to(dtype).reshape(-1, d).contiguous(),
-            weight.detach().to(dtype).contiguous())
-    out = torch.empty_like(rows[0])
+    rows = (as_array(x.reshape(-1, d), dtype),
+            torch.empty(0, 0, dtype=dtype) if z is None else as_array(z.reshape(-1, d), dtype),
+            as_array(weight, dtype))
+    out = empty(rows[0].shape, dtype)
     arrays = [t.numpy() for t in rows]
     out_np = out.numpy()
     run_parts(lambda r0, r1: _forward(*arrays, eps, group_size, norm_before_gate, out_np, r0, r1),
@@ -148,8 +148,8 @@ class _FusedGatedRMSNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, z, weight = ctx.saved_tensors
         shape, x_dtype, weight_dtype, z_dtype = ctx.shapes_and_dtypes
-        grad_out = grad_out.to(x.dtype).reshape(x.shape).contiguous()
-        grad_x, grad_z = torch.empty_like(x), torch.empty_like(z)
+        grad_out = as_array(grad_out.reshape(x.shape), x.dtype)
+        grad_x, grad_z = empty(x.shape, x.dtype), empty(z.shape, z.dtype)
         arrays = [t.numpy() for t in (x, z, weight)]
         grad_np = [t.numpy() for t in (grad_out, grad_x, grad_z)]
 

@@ -12,7 +12,8 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import JIT_OPTIONS, decay, exp32, run_parts, softplus, split, threads
+from recbole_ssm.ops.compiled import (JIT_OPTIONS, as_array, decay, empty, exp32, run_parts, softplus, split, threads,
+                                      zeros)
 
 # Positions the backward pass walks back at once, per batch row and thread: it holds eight (chunk,
 # d_inner) arrays (1 MB at d_inner 128, float32) and the states entering each chunk. Sequences of up
@@ -165,7 +166,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
 def _time_major(t, dtype):
     """(batch, c, length) -> a contiguous (batch, length, c) array of ``dtype`` (no copy when the
     tensor is a transposed view of such memory, as the blocks' activations are)."""
-    return t.detach().to(dtype).transpose(1, 2).contiguous()
+    return as_array(t.transpose(1, 2), dtype)
 
 
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
@@ -173,15 +174,14 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_soft
     (b, n, d), and the kernels' inputs and initial state (which the backward pass needs)."""
     dtype = torch.promote_types(u.dtype, torch.float32)
     batch, d_inner, length = u.shape
-    initial = (None if initial_state is None                                           # zeros
-               else initial_state.detach().to(dtype).transpose(1, 2).contiguous())    # (b, n, d)
-    inputs = (_time_major(u, dtype), _time_major(delta, dtype), A.detach().to(dtype).t().contiguous(),
+    initial = None if initial_state is None else _time_major(initial_state, dtype)     # (b, n, d); None: zeros
+    inputs = (_time_major(u, dtype), _time_major(delta, dtype), as_array(A.t(), dtype),
               _time_major(B, dtype), _time_major(C, dtype), _vector_or_zeros(D, d_inner, dtype),
               _time_major(z, dtype) if z is not None else torch.empty(0, 0, 0, dtype=dtype),
               _vector_or_zeros(delta_bias, d_inner, dtype))
-    out = torch.empty(batch, length, d_inner, dtype=dtype)
+    out = empty((batch, length, d_inner), dtype)
     # The kernel turns it into the last state.
-    state = torch.zeros(batch, A.shape[1], d_inner, dtype=dtype) if initial is None else initial.clone()
+    state = zeros((batch, A.shape[1], d_inner), dtype) if initial is None else empty(initial.shape, dtype).copy_(initial)
     if batch >= threads() or length == 0:
         arrays = [t.numpy() for t in (*inputs, out, state)]
         run_parts(lambda b0, b1: _forward(*arrays[:8], bool(delta_softplus), *arrays[8:], b0, b1),
@@ -219,8 +219,8 @@ class _FusedSelectiveScan(torch.autograd.Function):
     def backward(ctx, grad_out, *grad_last_state):  # the last state is not differentiable
         u, delta, A_T, B, C, D, z, bias, initial = ctx.saved_tensors
         if initial is None:
-            initial = torch.zeros(u.shape[0], A_T.shape[0], u.shape[2], dtype=u.dtype)
-        grads = [torch.empty_like(t) for t in (u, u, z, B, C, initial)]   # du, ddelta, dz, dB, dC, d_initial
+            initial = zeros((u.shape[0], A_T.shape[0], u.shape[2]), u.dtype)
+        grads = [empty(t.shape, t.dtype) for t in (u, u, z, B, C, initial)]   # du, ddelta, dz, dB, dC, d_initial
         du, ddelta, dz, dB, dC, d_initial = (t.numpy() for t in grads)
         arrays = [t.numpy() for t in (u, delta, A_T, B, C, D, z, bias)]
         grad_out = _time_major(grad_out, u.dtype).numpy()
@@ -240,7 +240,7 @@ class _FusedSelectiveScan(torch.autograd.Function):
 
 
 def _vector_or_zeros(t, size, dtype):
-    return torch.zeros(size, dtype=dtype) if t is None else t.detach().to(dtype).contiguous()
+    return torch.zeros(size, dtype=dtype) if t is None else as_array(t, dtype)
 
 
 def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -20,7 +20,7 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import JIT_OPTIONS, exp32, run_parts, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, exp32, run_parts, split, threads, zeros
 
 # Positions whose states the backward pass holds at once, per (row, head) and thread:
 # 257 * headdim * d_state floats (530 kB at headdim 16, d_state 32, float32). Sequences of up to 256
@@ -190,12 +190,12 @@ def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states,
     n = dt_B_C[1].shape[-1]
     D_4d = skip_term(D, h, dtype)
     none = torch.empty(0, 0, 0, 0, dtype=dtype)     # no initial states (zeros), no final states wanted
-    initial = none if initial_states is None else initial_states.detach().to(dtype).contiguous()
-    x_, A_ = (t.detach().to(dtype).contiguous() for t in (x, A))
+    initial = none if initial_states is None else as_array(initial_states, dtype)
+    x_, A_ = as_array(x, dtype), as_array(A, dtype)
     mask = torch.empty(0, 0, dtype=torch.bool) if mask is None else mask.contiguous()
-    scans = [t.detach().to(dtype).contiguous() for t in dt_B_C]
-    finals = [torch.empty(b, h, p, n, dtype=dtype) if return_final_states else none for _ in reverse]
-    y = torch.zeros(b, l, h, p, dtype=dtype)
+    scans = [as_array(t, dtype) for t in dt_B_C]
+    finals = [empty((b, h, p, n), dtype) if return_final_states else none for _ in reverse]
+    y = zeros((b, l, h, p), dtype)
     x_np, A_np, D_np, mask_np, initial_np, y_np = (t.numpy() for t in (x_, A_, D_4d, mask, initial, y))
     # The first direction adds the skip term.
     directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), finals[i].numpy(), backwards,
@@ -251,15 +251,15 @@ class _FusedScans(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, *grad_finals):
         x, A, D_4d, mask, initial, *scans = ctx.saved_tensors
-        grad_y = grad_y.to(x.dtype).contiguous()
-        dx = torch.zeros_like(x)
+        grad_y = as_array(grad_y, x.dtype)
+        dx = zeros(x.shape, x.dtype)
         none = torch.empty(0, 0, 0, 0, dtype=x.dtype)
-        d_initial = [none if ctx.input_dtypes[3] is None else torch.empty_like(initial) for _ in ctx.reverse]
+        d_initial = [none if ctx.input_dtypes[3] is None else empty(initial.shape, x.dtype) for _ in ctx.reverse]
         # Per direction: ddt is written at every position, dB and dC are accumulated into.
-        d_scans = [torch.empty_like(t) if i % 3 == 0 else torch.zeros_like(t) for i, t in enumerate(scans)]
+        d_scans = [(empty if i % 3 == 0 else zeros)(t.shape, t.dtype) for i, t in enumerate(scans)]
         if not grad_finals:   # the final states were not returned
             grad_finals = [None] * len(ctx.reverse)
-        grad_finals = [none if g is None else g.to(x.dtype).contiguous() for g in grad_finals]
+        grad_finals = [none if g is None else as_array(g, x.dtype) for g in grad_finals]
         x_np, A_np, D_np, mask_np, initial_np, grad_y_np, dx_np = (
             t.numpy() for t in (x, A, D_4d, mask, initial, grad_y, dx))
         directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), grad_finals[i].numpy(),
