@@ -81,6 +81,21 @@ def test_split_covers_the_range(count, parts):
     assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
 
 
+def test_arrays_in_numpy_memory():
+    """The kernels' arrays: NumPy-allocated tensors; a contiguous tensor of the right dtype is used as it
+    is, anything else is copied (values and dtype converted) into such memory."""
+    fresh = compiled.empty((3, 4), torch.float64)
+    assert fresh.shape == (3, 4) and fresh.dtype == torch.float64
+    assert compiled.zeros((2, 5), torch.float32).eq(0).all()
+    tensor = torch.randn(4, 6, requires_grad=True)
+    same = compiled.as_array(tensor, torch.float32)
+    assert same.data_ptr() == tensor.data_ptr() and not same.requires_grad
+    for other in (tensor.t(), tensor.double()):
+        copy = compiled.as_array(other, torch.float32)
+        assert copy.data_ptr() != other.data_ptr() and copy.is_contiguous() and copy.dtype == torch.float32
+        torch.testing.assert_close(copy, other.detach().float(), rtol=0, atol=0)
+
+
 def test_run_parts_uses_torch_threads():
     threads = torch.get_num_threads()
     try:
