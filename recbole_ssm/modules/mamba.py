@@ -137,6 +137,5 @@ class MambaBlock(CausalStreaming, nn.Module):
         y = y.transpose(1, 2)
         if positions is not None:
             y = at_positions(y, positions) * F.silu(z)              # (b, d_inner)
-        if not streaming:
-            return self.out_proj(y)
-        return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state.transpose(1, 2)}
+        out = self.out_proj(y)
+        return (out, {"conv": conv_state, "ssm": ssm_state.transpose(1, 2)}) if streaming else out

@@ -4,11 +4,11 @@ import numpy as np
 import torch
 from numba import njit
 
-from recbole_ssm.ops.compiled import JIT_OPTIONS, run_parts, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, run_parts, split, threads
 from recbole_ssm.ops.conv.fused import _forward as convolve_rows
 from recbole_ssm.ops.conv.shifted import padding
 from recbole_ssm.ops.gated_rmsnorm.fused import _forward as normalise_rows
-from recbole_ssm.ops.ssd.fused_recurrent import _forward as scan_rows
+from recbole_ssm.ops.ssd.fused_recurrent import _forward as scan_rows, skip_term
 
 
 @njit(**JIT_OPTIONS)
@@ -62,29 +62,30 @@ def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weigh
                     norm_before_gate, headdim, d_state, ngroups, mask=None, positions=None):
     """See :func:`recbole_ssm.ops.ssd_mixer.ssd_mixer_no_grad`."""
     dtype = torch.promote_types(xBC.dtype, torch.float32)
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
     batch, length, channels = xBC.shape
     directions, heads = dt.shape[2], dt.shape[3]
     d_inner, width = heads * headdim, conv_weight.shape[-1]
 
-    def array(tensor):  # (the checks cost less than PyTorch's calls that would return the tensor itself)
-        tensor = tensor.detach() if tensor.dtype == dtype else tensor.detach().to(dtype)
-        return (tensor if tensor.is_contiguous() else tensor.contiguous()).numpy()
+    def array(tensor):
+        return as_array(tensor, dtype).numpy()
 
-    D_np = array(D)
-    inputs = (array(xBC), array(conv_weight.reshape(channels, width).t()),
+    xBC_np = array(xBC)
+    np_dtype = xBC_np.dtype
+    inputs = (xBC_np, array(conv_weight.reshape(channels, width).t()),
               np.zeros(channels, np_dtype) if conv_bias is None else array(conv_bias), padding(width, causal)[0],
-              array(dt), array(A), D_np, np.empty((0, 0), np_dtype) if fc_D_weight is None else array(fc_D_weight),
+              array(dt), array(A), array(D), np.empty((0, 0), np_dtype) if fc_D_weight is None else array(fc_D_weight),
               np.empty((0, 0), np.bool_) if mask is None else mask.contiguous().numpy(),
               array(z.reshape(-1, d_inner)), array(norm_weight), float(eps), int(group_size), bool(norm_before_gate),
               directions == 2, np.empty(0, np.int64) if positions is None else positions.contiguous().numpy())
     scan_shape = (directions, batch, length, ngroups, d_state)
-    skip = D_np.reshape(1, 1, heads, 1) if fc_D_weight is None else np.empty((batch, length, heads, 1), np_dtype)
+    # Mamba-2's skip term is D; Hydra's, D + fc_D(x), is written by the kernel.
+    skip = (skip_term(D, heads, dtype).numpy() if fc_D_weight is None
+            else np.empty((batch, length, heads, 1), np_dtype))
     work = (np.empty((batch, length, channels), np_dtype), np.empty((batch, length, heads, headdim), np_dtype),
             np.empty(scan_shape, np_dtype), np.empty(scan_shape, np_dtype),
             np.empty((directions, batch, length, heads), np_dtype), skip,
             np.empty((batch, length, heads, headdim), np_dtype), np.empty((batch, d_inner), np_dtype))
-    out = torch.empty(z.shape, dtype=dtype)
+    out = empty(z.shape, dtype)
     out_np = out.numpy().reshape(-1, d_inner)
     run_parts(lambda b0, b1: _mix(*inputs, *work, out_np, b0, b1), split(batch, threads()))
     return out.to(xBC.dtype)
