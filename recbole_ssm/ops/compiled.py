@@ -1,6 +1,9 @@
 """What the compiled CPU kernels (Numba) share: their compiler options, the exponential and softplus
 they vectorise, and the threads they run on.
 
+Constants: Numba types a literal ``1`` as int64 and int64 with float32 as float64, so a float32 kernel
+writes its constants as float32 (or calls the helpers here, which do).
+
 Importing this module imports Numba; :mod:`recbole_ssm.ops.backend` imports it only when a CPU
 tensor first needs a compiled kernel, and the kernels compile on their first call for each dtype
 (cached on disk by Numba: next to the sources if that folder is writable, else in Numba's per-user
@@ -127,6 +130,31 @@ def _softplus(x):
         log1p_e = _TWO * s * (_ONE + s2 * (_L3 + s2 * (_L5 + s2 * (_L7 + s2 * (_L9 + s2 * (_L11 + s2 * _L13))))))
         return max(x, _ZERO) + log1p_e
     return impl
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) for the kernels, in x's dtype. (Numba types a literal 1 as int64, and int64 with
+    float32 as float64: written out with a literal in a float32 kernel, it computed in float64, which
+    halved the vector width and made the convolution's SiLU loop 1.2x slower.)"""
+    return 1 / (1 + math.exp(-x))
+
+
+@overload(sigmoid, inline="always")
+def _sigmoid(x):
+    if x != types.float32:
+        return lambda x: 1.0 / (1.0 + math.exp(-x))
+    return lambda x: _ONE / (_ONE + exp32(-x))
+
+
+def silu_slope(x, sig):
+    """The derivative of silu at x, given sig = sigmoid(x): sig (1 + x (1 - sig)), in x's dtype."""
+    return sig * (1 + x * (1 - sig))
+
+
+@overload(silu_slope, inline="always")
+def _silu_slope(x, sig):
+    one = _ONE if x == types.float32 else 1.0
+    return lambda x, sig: sig * (one + x * (one - sig))
 
 
 @njit(**JIT_OPTIONS)

@@ -210,3 +210,44 @@ def test_kernels_are_cached_on_disk(tmp_path):
     second = run_python(code, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=REPO_ROOT)
     assert second.returncode == 0, second.stderr
     assert second.stdout.split()[-1] == "1"   # the kernel came from the cache
+
+
+def test_float32_kernels_vectorise_in_float32(tmp_path):
+    """No float32 kernel's loop computes in float64 (Numba types a literal 1 as int64, and int64 with
+    float32 as float64: written that way, the convolution's SiLU loop ran on half-width float64
+    vectors). Every kernel is compiled afresh (an empty NUMBA_CACHE_DIR: cached code shows no IR)
+    through the ops and blocks, with and without gradients, and its LLVM IR searched for vector
+    arithmetic on doubles. (Per-row scalars, such as the norm's 1/sqrt(mean square + eps), may be
+    float64.)"""
+    result = run_python("""
+        import re
+        import torch
+        from recbole_ssm.modules.hydra import HydraBlock
+        from recbole_ssm.modules.mamba import MambaBlock
+        from recbole_ssm.modules.mamba2 import Mamba2Block
+        from recbole_ssm.ops.conv import fused as conv
+        from recbole_ssm.ops.gated_rmsnorm import fused as norm
+        from recbole_ssm.ops.selective_scan import fused_recurrent as selective_scan
+        from recbole_ssm.ops.ssd import fused_recurrent as ssd
+        from recbole_ssm.ops.ssd_mixer import fused as ssd_mixer
+        torch.manual_seed(0)
+        for block in (MambaBlock(16, d_state=4, backend="numba"),
+                      Mamba2Block(16, d_state=8, headdim=8, backend="numba"),
+                      HydraBlock(16, d_state=8, headdim=8, backend="numba")):
+            x = torch.randn(2, 9, 16, requires_grad=True)
+            block(x).sum().backward()
+            with torch.no_grad():
+                block(x)
+        vector_double = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fneg|fpext)[^\\n]*<\\d+ x double>")
+        checked = 0
+        for module in (conv, norm, selective_scan, ssd, ssd_mixer):
+            for name, kernel in vars(module).items():
+                for signature in getattr(kernel, "signatures", ()):
+                    if "float32" in str(signature):
+                        checked += 1
+                        found = vector_double.findall(kernel.inspect_llvm(signature))
+                        assert not found, (module.__name__, name, found[:3])
+        print(checked)
+    """, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) >= 12   # every kernel above, in float32

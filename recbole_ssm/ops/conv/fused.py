@@ -11,7 +11,7 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, exp32, run_parts, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, run_parts, sigmoid, silu_slope, split, threads
 from recbole_ssm.ops.conv.shifted import padding
 
 
@@ -37,7 +37,7 @@ def _forward(x, taps, bias, before, use_silu, out, b0, b1):
             _preactivation(x[b], taps, bias, before, t, out_t)
             if use_silu:
                 for c in range(out_t.shape[0]):
-                    out_t[c] = out_t[c] / (1 + exp32(-out_t[c]))
+                    out_t[c] *= sigmoid(out_t[c])
 
 
 @njit(**JIT_OPTIONS)
@@ -53,8 +53,7 @@ def _backward(x, taps, bias, before, use_silu, grad_out, grad_x, grad_taps, grad
             if use_silu:
                 _preactivation(x[b], taps, bias, before, t, gp_t)
                 for c in range(channels):
-                    sig = 1 / (1 + exp32(-gp_t[c]))
-                    gp_t[c] = g_t[c] * sig * (1 + gp_t[c] * (1 - sig))
+                    gp_t[c] = g_t[c] * silu_slope(gp_t[c], sigmoid(gp_t[c]))
             else:
                 gp_t[:] = g_t
             for c in range(channels):

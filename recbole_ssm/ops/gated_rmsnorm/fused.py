@@ -8,7 +8,7 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, exp32, run_parts, split, threads
+from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, run_parts, sigmoid, silu_slope, split, threads
 
 
 @njit(**JIT_OPTIONS)
@@ -16,12 +16,12 @@ def _gate(z_r, gate, slope):
     """gate = silu(z_r) and, if ``slope`` has a size, slope = silu'(z_r)."""
     if slope.shape[0]:
         for c in range(z_r.shape[0]):
-            sig = 1 / (1 + exp32(-z_r[c]))
+            sig = sigmoid(z_r[c])
             gate[c] = z_r[c] * sig
-            slope[c] = sig * (1 + z_r[c] * (1 - sig))
+            slope[c] = silu_slope(z_r[c], sig)
     else:
         for c in range(z_r.shape[0]):
-            gate[c] = z_r[c] / (1 + exp32(-z_r[c]))
+            gate[c] = z_r[c] * sigmoid(z_r[c])
 
 
 @njit(**JIT_OPTIONS)
@@ -57,7 +57,7 @@ def _forward(x, z, weight, eps, group_size, norm_before_gate, out, r0, r1):
             mean_square = x.dtype.type(0)
             for c in range(group_size):
                 mean_square += v_g[c] * v_g[c]
-            scale = 1 / math.sqrt(mean_square / group_size + eps)
+            scale = x.dtype.type(1 / math.sqrt(mean_square / group_size + eps))
             if norm_before_gate:
                 for c in range(group_size):
                     out_g[c] = v_g[c] * scale * weight_g[c] * gate_g[c]
@@ -88,7 +88,7 @@ def _backward(x, z, weight, eps, group_size, norm_before_gate, grad_out, grad_x,
             mean_square = x.dtype.type(0)
             for c in range(group_size):
                 mean_square += v_g[c] * v_g[c]
-            scale = 1 / math.sqrt(mean_square / group_size + eps)
+            scale = x.dtype.type(1 / math.sqrt(mean_square / group_size + eps))
             dot = x.dtype.type(0)                      # sum_c dL/dn_c n_c, n = v * scale
             if gated and norm_before_gate:
                 grad_z_g = grad_z[r, g0:g0 + group_size]
@@ -104,9 +104,9 @@ def _backward(x, z, weight, eps, group_size, norm_before_gate, grad_out, grad_x,
                     grad_weight_g[c] += g_g[c] * normalised
                     grad_v_g[c] = g_g[c] * weight_g[c]
                     dot += grad_v_g[c] * normalised
-            dot /= group_size
+            mean_dot = x.dtype.type(dot / group_size)
             for c in range(group_size):
-                grad_v_g[c] = scale * (grad_v_g[c] - v_g[c] * scale * dot)
+                grad_v_g[c] = scale * (grad_v_g[c] - v_g[c] * scale * mean_dot)
         grad_x_r = grad_x[r]
         if gated and not norm_before_gate:
             grad_z_r = grad_z[r]

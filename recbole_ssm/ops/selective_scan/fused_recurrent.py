@@ -12,8 +12,8 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import (JIT_OPTIONS, as_array, decay, empty, exp32, run_parts, softplus, split, threads,
-                                      zeros)
+from recbole_ssm.ops.compiled import (JIT_OPTIONS, as_array, decay, empty, run_parts, sigmoid, silu_slope, softplus,
+                                      split, threads, zeros)
 
 # Positions the backward pass walks back at once, per batch row and thread: it holds eight (chunk,
 # d_inner) arrays (1 MB at d_inner 128, float32) and the states entering each chunk. Sequences of up
@@ -56,7 +56,7 @@ def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1):
             if z.shape[0]:
                 z_t = z[b, t]
                 for d in range(d_inner):
-                    out_t[d] = y[d] * z_t[d] / (1 + exp32(-z_t[d]))
+                    out_t[d] = y[d] * z_t[d] * sigmoid(z_t[d])
             else:
                 for d in range(d_inner):
                     out_t[d] = y[d]
@@ -115,7 +115,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
                     grad_decay[j, d] = 0
                     if z.shape[0]:
                         z_td = z[b, t, d]
-                        grad_y[j, d] = grad_out[b, t, d] * z_td / (1 + exp32(-z_td))   # silu(z)
+                        grad_y[j, d] = grad_out[b, t, d] * z_td * sigmoid(z_td)   # silu(z)
                     else:
                         grad_y[j, d] = grad_out[b, t, d]
             for n in range(n_state):
@@ -150,14 +150,13 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
                 for d in range(d_inner):
                     if z.shape[0]:
                         z_td = z[b, t, d]
-                        gate = 1 / (1 + exp32(-z_td))                       # sigmoid(z)
                         y_td = readout[j, d] + D[d] * u_t[d]
-                        dz[b, t, d] = grad_out[b, t, d] * y_td * gate * (1 + z_td * (1 - gate))
+                        dz[b, t, d] = grad_out[b, t, d] * y_td * silu_slope(z_td, sigmoid(z_td))
                     dD[d] += grad_y[j, d] * u_t[d]
                     du[b, t, d] = grad_y[j, d] * D[d] + rates[j, d] * grad_hB[j, d]
                     grad_dt = grad_decay[j, d] + u_t[d] * grad_hB[j, d]
                     if use_softplus:
-                        grad_dt /= 1 + exp32(-(delta[b, t, d] + bias[d]))  # softplus' = sigmoid
+                        grad_dt *= sigmoid(delta[b, t, d] + bias[d])     # softplus' = sigmoid
                     ddelta[b, t, d] = grad_dt
                     dbias[d] += grad_dt
         d_initial[b] = grad_h
