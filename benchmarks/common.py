@@ -211,6 +211,9 @@ def _git_revision():
         return None
 
 
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OMP_PROC_BIND")
+
+
 def machine_info(device):
     """Where and with what a benchmark ran: CPU/GPU, threads, load, library versions, git revision."""
     import recbole
@@ -230,6 +233,9 @@ def machine_info(device):
         "recbole_ssm": getattr(import_recbole_ssm(), "__version__", None),
         "git_revision": _git_revision(),
         "device": device,
+        # Threading settings read by torch's OpenMP runtime at start (with more than one thread,
+        # OMP_WAIT_POLICY=PASSIVE changes the SSM models' times: README, "CPU threads").
+        "openmp_environment": {name: os.environ[name] for name in OPENMP_VARIABLES if name in os.environ},
     }
     try:
         with open("/proc/meminfo") as meminfo:
@@ -248,8 +254,10 @@ def machine_line(info):
                                f"{info['memory_gib']} GiB)"
     load = info.get("load_average_1m_5m_15m")
     load_text = f", load average at start {load[0]:.1f}" if load else ""
+    openmp = info.get("openmp_environment")
+    openmp_text = "; " + " ".join(f"{k}={v}" for k, v in openmp.items()) if openmp else ""
     return (f"{where}; {info['device']}; torch {info['torch']}, RecBole {info['recbole']}, "
-            f"recbole_ssm {info['recbole_ssm']} (git {info['git_revision']}){load_text}; "
+            f"recbole_ssm {info['recbole_ssm']} (git {info['git_revision']}){load_text}{openmp_text}; "
             f"{info['date_utc']}")
 
 

@@ -11,11 +11,11 @@ MODELS = ["SASRec", "Mamba4Rec"]
 TINY = ["--models", *MODELS, "--hidden-size", "8", "--layers", "1", "--set", "d_state=4"]
 
 
-def run_benchmark(module, *args):
+def run_benchmark(module, *args, **environment):
     """Run ``python -m benchmarks.<module>`` in the test's own folder (RecBole writes log_tensorboard/
-    there), with the repository on the import path."""
+    there), with the repository on the import path and ``environment`` set."""
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
+    env = {**os.environ, "PYTHONPATH": path, **environment}
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"benchmarks.{module} failed:\n{done.stderr[-4000:]}"
@@ -73,8 +73,10 @@ def test_speedup_smoke(tmp_path):
     # built as the efficiency benchmark builds them (the transform first).
     models = [*MODELS, "BERT4Rec"]
     run_benchmark("speedup", *TINY, "--models", *models, "--shapes", "train:3x8", "infer:2x8",
-                  "--threads", "1", "2", "--rounds", "2", "--output-dir", str(tmp_path))
+                  "--threads", "1", "2", "--rounds", "2", "--output-dir", str(tmp_path), OMP_WAIT_POLICY="PASSIVE")
     report = json.loads((tmp_path / "speedup.json").read_text())
+    assert report["machine"]["openmp_environment"]["OMP_WAIT_POLICY"] == "PASSIVE"   # recorded, and shown:
+    assert "OMP_WAIT_POLICY=PASSIVE" in (tmp_path / "speedup.md").read_text().splitlines()[2]
     assert [(run["threads"], run["kind"]) for run in report["runs"]] == [
         (1, "train"), (1, "infer"), (2, "train"), (2, "infer")]
     assert len({run["process_id"] for run in report["runs"]}) == 4   # each shape in a fresh process
