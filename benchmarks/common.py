@@ -234,7 +234,7 @@ def machine_info(device):
         "git_revision": _git_revision(),
         "device": device,
         # Threading settings read by torch's OpenMP runtime at start (with more than one thread,
-        # OMP_WAIT_POLICY=PASSIVE changes the SSM models' times: README, "CPU threads").
+        # OMP_WAIT_POLICY=PASSIVE changes the SSM models' times: README, "Kernels and backends").
         "openmp_environment": {name: os.environ[name] for name in OPENMP_VARIABLES if name in os.environ},
     }
     try:
