@@ -232,11 +232,18 @@ def test_stopped_conversion_leaves_nothing(tmp_path, stop):
     meta = tmp_path / "meta.jsonl"
     meta.write_text((line + "\n") * 100_000)  # read for a second or so
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dataset_scripts", "amazon2023", "--reviews", str(reviews),
-         "--meta", str(meta), "--name", "d", "--output", str(out), "--quiet"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    # The converter must not inherit an ignored SIGINT, as the tests do when a shell runs them as a
+    # background job (and Python then keeps it ignored): caught signals are reset at exec, ignored
+    # ones are not, so catch it here while the converter starts.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dataset_scripts", "amazon2023", "--reviews", str(reviews),
+             "--meta", str(meta), "--name", "d", "--output", str(out), "--quiet"],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 60
     while not (out / "d").is_dir() or not os.listdir(out / "d"):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
