@@ -49,6 +49,6 @@ class HydraBlock(SSDBlockBase):
             t.unflatten(-1, (self.ngroups, self.d_state)) for t in (B_fwd, C_fwd, B_bwd, C_bwd)
         )
         y = hydra_mixer(x.unflatten(-1, (self.nheads, self.headdim)), dt[:, :, 0], dt[:, :, 1], self.A(),
-                        B_fwd, C_fwd, B_bwd, C_bwd, diagonal, self.chunk_size, mask=mask,
-                        backend=self.backend)  # (b, l, nheads, headdim)
-        return self.output(y, z, positions)
+                        B_fwd, C_fwd, B_bwd, C_bwd, diagonal, self.chunk_size, mask=mask, positions=positions,
+                        backend=self.backend)  # (b, l, nheads, headdim), or (b, nheads, headdim) at positions
+        return self.output(y, z)

@@ -5,7 +5,7 @@ connection only when layers are stacked, then the SASRec-style feed-forward netw
 """
 import torch.nn as nn
 
-from recbole_ssm.modules.positions import at_positions
+from recbole_ssm.ops.positions import at_positions
 
 
 class FeedForward(nn.Module):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recbole_ssm.modules.arguments import check_positive_integers
-from recbole_ssm.modules.positions import at_positions
+from recbole_ssm.ops.positions import at_positions
 from recbole_ssm.modules.streaming import CausalStreaming, convolve_continuing, real_lengths
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d

@@ -62,8 +62,9 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
         B, C = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (B, C))
         out = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt[:, :, 0], self.A(), B, C, self.chunk_size,
                        D=self.D, initial_states=None if state is None else state["ssm"],
-                       return_final_states=streaming, mask=mask, backend=self.backend)
+                       return_final_states=streaming, mask=mask, positions=None if streaming else positions,
+                       backend=self.backend)
         if not streaming:
-            return self.output(out, z, positions)
+            return self.output(out, z)              # out: (b, l, nheads, headdim), or (b, nheads, headdim)
         y, ssm_state = out  # (b, l, nheads, headdim), (b, nheads, headdim, d_state)
         return self.output(y, z, positions), {"conv": conv_state, "ssm": ssm_state}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from recbole_ssm.modules.arguments import check_positive_integers
 from recbole_ssm.modules.norm import RMSNormGated
-from recbole_ssm.modules.positions import at_positions
+from recbole_ssm.ops.positions import at_positions
 from recbole_ssm.ops.backend import check_backend
 from recbole_ssm.ops.conv import depthwise_conv1d
 from recbole_ssm.ops.ssd_mixer import ssd_mixer_no_grad
@@ -114,7 +114,8 @@ class SSDBlockBase(nn.Module):
 
     def output(self, y, z, positions=None):
         """Gated norm and output projection: y (b, l, nheads, headdim), z (b, l, d_inner) -> (b, l, d_model);
-        with ``positions`` (b,), at those positions only: z (b, d_inner) -> (b, d_model)."""
+        with ``positions`` (b,), at those positions only: z (b, d_inner) -> (b, d_model); y (b, nheads,
+        headdim) and z (b, d_inner): y already at the positions of z."""
         y = y.flatten(-2)
         if positions is not None:
             y = at_positions(y, positions)

@@ -19,22 +19,29 @@ import torch
 import torch.nn.functional as F
 
 from recbole_ssm.ops.backend import use_compiled
+from recbole_ssm.ops.positions import at_positions, check_positions
 from recbole_ssm.ops.ssd import ssd_scan
 
 
-def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size, mask=None, backend="auto"):
+def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size, mask=None, positions=None,
+                backend="auto"):
     """Apply Hydra's quasiseparable mixer to ``x``.
 
     x: (b, l, h, p); dt_fwd, dt_bwd: (b, l, h), >= 0 (softplus and bias already applied), indexed by
     position in the original order; A: (h,), < 0, shared by both directions; B_*, C_*: (b, l, g, n);
     D: the diagonal, (h,) or (b, l, h) (Hydra's D + fc_D(x)); mask: (b, l) bool or None, True marks a
     real position: padded positions neither change a state nor contribute, in either direction, and
-    their outputs are 0. Returns y (b, l, h, p) in x's dtype.
+    their outputs are 0. Returns y (b, l, h, p) in x's dtype, or (b, h, p) at ``positions`` (b,) only:
+    the compiled kernels then scan forward up to the position before each row's position and backward
+    from the end down to the one after it (at a row's last real position, nothing), the other
+    implementations compute every position.
     """
+    if positions is not None:
+        check_positions(positions, x.shape[0], x.shape[1])
     if use_compiled(backend, x):
         from recbole_ssm.ops.ssd.fused_recurrent import shifted_bidirectional_scans_fused
 
-        return shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, mask)
+        return shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, mask, positions)
 
     b = x.shape[0]
     if mask is not None:
@@ -53,4 +60,6 @@ def hydra_mixer(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, chunk_size,
     y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))  # shift one step later: y[t] <- y[t-1], y[0] <- 0
     y = y[:b] + y[b:].flip(1)
     y = (y + x * D.unsqueeze(-1)).to(x.dtype)  # D: (h, 1) or (b, l, h, 1)
-    return y if mask is None else y.masked_fill(~mask[..., None, None], 0)
+    if mask is not None:
+        y = y.masked_fill(~mask[..., None, None], 0)
+    return y if positions is None else at_positions(y, positions)

@@ -136,3 +136,44 @@ def test_compiled_float32_matches_the_reference(monkeypatch):
     for name, ours, reference in zip(["y"] + list(inputs), results["numba"], results["torch"]):
         scale = reference.abs().max()
         assert (ours - reference).abs().max() <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("b", [1, 4])   # compiled: 1 splits the heads between threads, 4 the rows
+def test_output_at_positions_equals_the_matrix_there(b, backend, monkeypatch):
+    """With ``positions`` (the compiled kernels: the forward scan stops before each position, the
+    backward one covers the positions after it; the backward pass in chunks of 2 positions), output
+    and every gradient as the quasiseparable matrix's at those positions; first, middle and last
+    positions, padding inside and after, a padded position asked for (output 0)."""
+    monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 2)
+    inputs = make_inputs(b=b, l=8)
+    positions = torch.tensor([5, 0, 7, 6])[:b]
+    mask = torch.ones(b, 8, dtype=torch.bool)
+    mask[0, 2:4] = False
+    if b > 1:
+        mask[1, 6:] = mask[3, 5:] = False
+    rows = torch.arange(b)
+    weights = torch.randn(b, 4, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    results = []
+    for at in (True, False):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        if at:
+            y = hydra_mixer(**leaves, chunk_size=3, mask=mask, positions=positions, backend=backend)
+        else:  # the matrix on the real positions of each row, zero at padded ones
+            keep = {k: v * (mask[..., None, None] if v.dim() == 4 else mask[..., None]) if v.dim() > 1 else v
+                    for k, v in leaves.items()}
+            y = (quasiseparable(**keep) * mask[..., None, None])[rows, positions]
+        assert y.shape == (b, 4, 3)
+        results.append((y, torch.autograd.grad((y * weights).sum(), list(leaves.values()))))
+    (y, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+    for name, got, want in zip(inputs, grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+    if b > 1:
+        assert (y[3] == 0).all()
+
+
+def test_positions_are_checked():
+    inputs = make_inputs(l=5)
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 5\)"):
+        hydra_mixer(**inputs, chunk_size=2, positions=torch.tensor([0, -1]), backend="numba")

@@ -174,3 +174,59 @@ def test_auto_uses_the_compiled_scan_on_cpu(monkeypatch):
     torch.testing.assert_close(auto, ssd_scan(x, dt, A, B, C, 4, D=D, backend="torch"), rtol=0, atol=1e-10)
     torch.testing.assert_close(auto, ssd_scan_torch(x, dt, A, B, C, 4, D=D), rtol=0, atol=1e-10)
     assert not calls
+
+
+@pytest.mark.parametrize("b", [1, 4])   # 1: heads split between threads; 4: rows
+def test_output_at_positions_stops_each_row_there(b, monkeypatch):
+    """With ``positions`` the kernels scan each row up to its position only (the backward pass walking
+    back from it, in chunks of 3 positions): output and every gradient (the initial state's too) as
+    the step-by-step recurrence's at those positions, on one and two threads; padded positions
+    before, inside and after; a row's first and last positions."""
+    monkeypatch.setattr(fused_recurrent, "BACKWARD_CHUNK", 3)
+    inputs = make_inputs(b=b, l=11)
+    positions = torch.tensor([10, 0, 6, 8])[:b]
+    mask = torch.ones(b, 11, dtype=torch.bool)
+    mask[0, 3:5] = False
+    if b > 1:
+        mask[2, :2] = mask[3, 8:] = False   # row 3 asks for a padded position: output 0
+    rows = torch.arange(b)
+
+    def at_positions(x, dt, A, B, C, D, initial_states):
+        y = ssd_scan(x, dt, A, B, C, 4, D=D, initial_states=initial_states, mask=mask, positions=positions,
+                     backend="numba")
+        return y, y[:, :0]     # no final state with positions: an empty stand-in for outputs_and_grads
+
+    def whole_then_indexed(x, dt, A, B, C, D, initial_states):
+        keep = mask[..., None]
+        y, _ = ssd_recurrence(x * keep[..., None], dt * keep, A, B, C, D, initial_states=initial_states)
+        y = (y * keep[..., None])[rows, positions]
+        return y, y[:, :0]
+
+    expected_y, _, expected_grads = outputs_and_grads(whole_then_indexed, inputs)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            y, _, grads = outputs_and_grads(at_positions, inputs)
+            assert y.shape == (b, 4, 3)
+            torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-10)
+            for name in NAMES:
+                torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-10, msg=name)
+            without_autograd, _ = at_positions(**inputs)
+            torch.testing.assert_close(without_autograd, y, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    if b > 1:
+        assert (y[3] == 0).all()
+
+
+def test_positions_are_checked():
+    inputs = make_inputs(l=5)
+    x, dt, A, B, C = (inputs[k] for k in ("x", "dt", "A", "B", "C"))
+    for backend in ("numba", "torch"):
+        with pytest.raises(ValueError, match=r"positions must be in \[0, 5\).*got 1\.\.5"):
+            ssd_scan(x, dt, A, B, C, 4, positions=torch.tensor([1, 5]), backend=backend)
+        with pytest.raises(ValueError, match=r"positions must be \(2,\) integers.*shape \(3,\)"):
+            ssd_scan(x, dt, A, B, C, 4, positions=torch.tensor([1, 2, 3]), backend=backend)
+        with pytest.raises(ValueError, match="positions and return_final_states cannot be combined"):
+            ssd_scan(x, dt, A, B, C, 4, positions=torch.tensor([1, 2]), return_final_states=True, backend=backend)

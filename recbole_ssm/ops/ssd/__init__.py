@@ -10,19 +10,27 @@ Three implementations of one function:
   - mamba-ssm's Triton kernel ``mamba_chunk_scan_combined``.
 :func:`ssd_scan` picks one per call (see :mod:`recbole_ssm.ops.backend`).
 """
+from recbole_ssm.ops.positions import at_positions, check_positions
 from recbole_ssm.ops.backend import use_compiled, use_cuda
 from recbole_ssm.ops.ssd import cuda
 from recbole_ssm.ops.ssd.chunked import check_shapes, ssd_scan_torch
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False, mask=None,
-             backend="auto"):
+             positions=None, backend="auto"):
     """The SSD scan.
 
     Arguments as in :func:`ssd_scan_torch`, plus ``mask`` (b, l) bool or None: True marks a real
     position. Masked positions get dt = 0 and x = 0 (no state change, no contribution) and y = 0.
-    ``backend``: see :mod:`recbole_ssm.ops.backend`.
+    ``positions`` (b,) or None: y at those positions only, (b, h, p) (not with ``return_final_states``);
+    the compiled kernels then scan each row up to its position only, the other implementations compute
+    every position. ``backend``: see :mod:`recbole_ssm.ops.backend`.
     """
+    if positions is not None:
+        check_positions(positions, x.shape[0], x.shape[1])
+        if return_final_states:
+            raise ValueError("ssd_scan: positions and return_final_states cannot be combined (the final "
+                             "states are those after the whole sequence)")
     if use_compiled(backend, x):
         # On a CPU the compiled recurrence beats the chunked matrix products at every shape measured
         # (python -m benchmarks.kernels at 4fe5b1b: 1.6x to 6.9x, forward and forward + backward,
@@ -32,7 +40,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_fin
 
         check_shapes(x, dt, A, B, C, chunk_size)
         return ssd_scan_fused(x, dt, A, B, C, D=D, initial_states=initial_states,
-                              return_final_states=return_final_states, mask=mask)
+                              return_final_states=return_final_states, mask=mask, positions=positions)
     if mask is not None:
         x = x.masked_fill(~mask[..., None, None], 0)
         dt = dt.masked_fill(~mask[..., None], 0)
@@ -44,6 +52,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_fin
     y, final_states = out if return_final_states else (out, None)
     if mask is not None:
         y = y.masked_fill(~mask[..., None, None], 0)
+    if positions is not None:
+        return at_positions(y, positions)
     return (y, final_states) if return_final_states else y
 
 

@@ -39,62 +39,97 @@ def _row_or_zeros(source, b, h, out):
 
 
 @njit(**JIT_OPTIONS)
-def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, reverse, shift):
-    """Rows b0:b1, heads h0:h1. x, y: (batch, length, heads, p); dt: (batch, length, heads); A: (heads,);
+def _scan_steps(length, reverse, shift, at, b):
+    """Steps of row b's scan, in scan order, and the position read out last: every position (the last
+    one in scan order) when ``at`` has size 0; else as far as output at[b] needs (the position before
+    it in scan order when ``shift``, else at[b] itself), which may be no step at all."""
+    if not at.shape[0]:
+        return length, 0 if reverse else length - 1
+    step = -1 if reverse else 1
+    last = at[b] - step if shift else at[b]
+    return (length - last if reverse else last + 1), last
+
+
+@njit(**JIT_OPTIONS)
+def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, reverse, shift, at):
+    """Rows b0:b1, heads h0:h1. x: (batch, length, heads, p); dt: (batch, length, heads); A: (heads,);
     B, C: (batch, length, groups, n); D: the skip term, (1 or batch, 1 or length, heads, 1 or p), added
     if ``skip``; mask: (batch, length), False at padded positions; initial (batch, heads, p, n): the
-    state before the first position; final, like it: written with the state after the last one. mask,
-    initial and final of size 0 stand for none, zeros and not wanted. Adds each position's read-out
-    C_t . S_t to y at its position, moved one on in scan order if ``shift``, and D x_t at its own
-    position. A padded position is skipped (no state change, no output) and nothing is written to it."""
+    state before the first position; final, like it: written with the state after the last step. mask,
+    initial and final of size 0 stand for none, zeros and not wanted. A padded position is skipped (no
+    state change, no output) and nothing is written to it.
+    at (batch,) of size 0: y like x; each position's read-out C_t . S_t is added to y at its position,
+    moved one on in scan order if ``shift``, and D x_t at its own position. Else y is (batch, 1, heads,
+    p) and gets row b's output at position at[b] only: the scan stops there (:func:`_scan_steps`) and
+    reads out once."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     per_group = heads // B.shape[2]
     step = -1 if reverse else 1
     masked = mask.shape[0] > 0
+    one_position = at.shape[0] > 0
     s = np.empty((headdim, B.shape[3]), x.dtype)
     for b in range(b0, b1):
+        steps, last = _scan_steps(length, reverse, shift, at, b)
         for h in range(h0, h1):
             g = h // per_group
             _row_or_zeros(initial, b, h, s)
-            for k in range(length):
+            for k in range(steps):
                 t = length - 1 - k if reverse else k
                 if masked and not mask[b, t]:
                     continue
                 out = t + step if shift else t
-                write = 0 <= out < length and (not masked or mask[b, out])
+                write = 0 <= out < length and (not masked or mask[b, out]) and (not one_position or t == last)
                 a = exp32(dt[b, t, h] * A[h])
-                B_t, C_t, x_t, y_t = B[b, t, g], C[b, t, g], x[b, t, h], y[b, out if write else t, h]
-                D_t, y_own = D[min(b, D.shape[0] - 1), min(t, D.shape[1] - 1), h], y[b, t, h]
-                for p in range(headdim):
-                    xdt = x_t[p] * dt[b, t, h]
-                    s_p = s[p]
-                    acc = x.dtype.type(0)
-                    for n in range(s_p.shape[0]):
-                        s_p[n] = a * s_p[n] + xdt * B_t[n]
-                        acc += s_p[n] * C_t[n]
-                    if write:
-                        y_t[p] += acc
-                if skip:   # in a loop of its own: inside the one above, it halved that loop's speed
+                B_t, C_t, x_t = B[b, t, g], C[b, t, g], x[b, t, h]
+                if write:
+                    y_t = y[b, 0 if one_position else out, h]
                     for p in range(headdim):
-                        y_own[p] += D_t[min(p, D_t.shape[0] - 1)] * x_t[p]
+                        xdt = x_t[p] * dt[b, t, h]
+                        s_p = s[p]
+                        acc = x.dtype.type(0)
+                        for n in range(s_p.shape[0]):
+                            s_p[n] = a * s_p[n] + xdt * B_t[n]
+                            acc += s_p[n] * C_t[n]
+                        y_t[p] += acc
+                else:      # a step whose output is not wanted: the state update alone
+                    for p in range(headdim):
+                        xdt = x_t[p] * dt[b, t, h]
+                        s_p = s[p]
+                        for n in range(s_p.shape[0]):
+                            s_p[n] = a * s_p[n] + xdt * B_t[n]
+                if skip and not one_position:   # in a loop of its own: inside the ones above, it halved their speed
+                    _add_skip(D, x, b, t, h, y[b, t, h])
+            if skip and one_position and (not masked or mask[b, at[b]]):
+                _add_skip(D, x, b, at[b], h, y[b, 0, h])
             if final.shape[0]:
                 final[b, h] = s
 
 
 @njit(**JIT_OPTIONS)
+def _add_skip(D, x, b, t, h, y_t):
+    """y_t += D x[b, t, h], D the skip term as :func:`_forward` takes it."""
+    D_t = D[min(b, D.shape[0] - 1), min(t, D.shape[1] - 1), h]
+    x_t = x[b, t, h]
+    for p in range(x_t.shape[0]):
+        y_t[p] += D_t[min(p, D_t.shape[0] - 1)] * x_t[p]
+
+
+@njit(**JIT_OPTIONS)
 def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, ddt, dB, dC, dA, dD, d_initial, b0, b1,
-              chunk, reverse, shift):
-    """Gradients of :func:`_forward` for rows b0:b1, all heads. grad_final: dL/d(final state), like
-    ``initial``. ddt like dt, d_initial like initial: written; dx like x, dB, dC (zeroed by the caller),
-    dA (heads,), dD (like D): accumulated into. initial, grad_final and d_initial of size 0 stand for
-    zeros, zeros and not wanted."""
+              chunk, reverse, shift, at):
+    """Gradients of :func:`_forward` for rows b0:b1, all heads; grad_y like its y (with ``at``: the
+    output at at[b] only, and only the steps that reach it are walked back). grad_final: dL/d(final
+    state), like ``initial``. ddt like dt, zeroed by the caller: written at the positions walked back;
+    d_initial like initial: written; dx like x, dB, dC (zeroed by the caller), dA (heads,), dD (like
+    D): accumulated into. initial, grad_final and d_initial of size 0
+    stand for zeros, zeros and not wanted."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     n_state = B.shape[3]
     per_group = heads // B.shape[2]
     step = -1 if reverse else 1
     masked = mask.shape[0] > 0
-    chunks = (length + chunk - 1) // chunk
-    entering = np.empty((chunks, headdim, n_state), x.dtype)
+    one_position = at.shape[0] > 0
+    entering = np.empty(((length + chunk - 1) // chunk, headdim, n_state), x.dtype)
     states = np.empty((chunk + 1, headdim, n_state), x.dtype)   # states[j + 1]: after scan step j
     decays = np.empty(chunk, x.dtype)
     no_grad = np.zeros(headdim, x.dtype)                        # dL/dy of an output moved past the end
@@ -102,11 +137,15 @@ def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, dd
     grad_sB = np.empty(n_state, x.dtype)                        # sum_p dL/dS_t[p] x_t[p]
     grad_sC = np.empty(n_state, x.dtype)                        # sum_p dL/dy_t[p] S_t[p]
     for b in range(b0, b1):
+        steps, last = _scan_steps(length, reverse, shift, at, b)
+        chunks = (steps + chunk - 1) // chunk
         for h in range(heads):
             g = h // per_group
             s = states[0]
             _row_or_zeros(initial, b, h, s)
-            for k in range(length if chunks > 1 else 0):
+            if skip and one_position and (not masked or mask[b, at[b]]):   # D x went to the output at at[b]
+                _add_skip_grad(D, x, grad_y[b, 0, h], b, at[b], h, dD, dx)
+            for k in range(steps if chunks > 1 else 0):
                 t = length - 1 - k if reverse else k
                 if k % chunk == 0:
                     entering[k // chunk] = s
@@ -120,7 +159,7 @@ def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, dd
             _row_or_zeros(grad_final, b, h, grad_s)
             for c in range(chunks - 1, -1, -1):
                 k0 = c * chunk
-                k1 = min(length, k0 + chunk)
+                k1 = min(steps, k0 + chunk)
                 if chunks > 1:
                     states[0] = entering[c]
                 else:
@@ -147,15 +186,10 @@ def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, dd
                     j = k - k0
                     a, dt_t = decays[j], dt[b, t, h]
                     B_t, C_t, x_t = B[b, t, g], C[b, t, g], x[b, t, h]
-                    written = 0 <= out < length and (not masked or mask[b, out])
-                    gy_t = grad_y[b, out, h] if written else no_grad
-                    if skip:   # D x_t went to y at t itself
-                        D_i, D_j = min(b, D.shape[0] - 1), min(t, D.shape[1] - 1)
-                        D_t, dD_t, gy_own = D[D_i, D_j, h], dD[D_i, D_j, h], grad_y[b, t, h]
-                        for p in range(headdim):
-                            q = min(p, D_t.shape[0] - 1)
-                            dD_t[q] += gy_own[p] * x_t[p]
-                            dx[b, t, h, p] += D_t[q] * gy_own[p]
+                    written = 0 <= out < length and (not masked or mask[b, out]) and (not one_position or t == last)
+                    gy_t = grad_y[b, 0 if one_position else out, h] if written else no_grad
+                    if skip and not one_position:   # D x_t went to y at t itself
+                        _add_skip_grad(D, x, grad_y[b, t, h], b, t, h, dD, dx)
                     grad_sB[:] = 0
                     grad_sC[:] = 0
                     grad_a = x.dtype.type(0)       # dL/da_t, summed over the state
@@ -182,9 +216,21 @@ def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, dd
                 d_initial[b, h] = grad_s
 
 
-def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C):
-    """The forward kernels on the callers' tensors (arguments as :meth:`_FusedScans.forward`): y and
-    the final states in the computing dtype, and the kernels' inputs (which the backward pass needs)."""
+@njit(**JIT_OPTIONS)
+def _add_skip_grad(D, x, grad_y_t, b, t, h, dD, dx):
+    """The gradients of y_t += D x[b, t, h] (:func:`_add_skip`), given dL/dy_t, into dD and dx."""
+    D_i, D_j = min(b, D.shape[0] - 1), min(t, D.shape[1] - 1)
+    D_t, dD_t, x_t = D[D_i, D_j, h], dD[D_i, D_j, h], x[b, t, h]
+    for p in range(x_t.shape[0]):
+        q = min(p, D_t.shape[0] - 1)
+        dD_t[q] += grad_y_t[p] * x_t[p]
+        dx[b, t, h, p] += D_t[q] * grad_y_t[p]
+
+
+def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask, positions, *dt_B_C):
+    """The forward kernels on the callers' tensors (arguments as :meth:`_FusedScans.forward`): y (b, l,
+    h, p), or (b, 1, h, p) at ``positions``, and the final states in the computing dtype, and the
+    kernels' inputs (which the backward pass needs)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     b, l, h, p = x.shape
     n = dt_B_C[1].shape[-1]
@@ -193,10 +239,12 @@ def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states,
     initial = none if initial_states is None else as_array(initial_states, dtype)
     x_, A_ = as_array(x, dtype), as_array(A, dtype)
     mask = torch.empty(0, 0, dtype=torch.bool) if mask is None else mask.contiguous()
+    positions = torch.empty(0, dtype=torch.int64) if positions is None else positions.to(torch.int64).contiguous()
     scans = [as_array(t, dtype) for t in dt_B_C]
     finals = [empty((b, h, p, n), dtype) if return_final_states else none for _ in reverse]
-    y = zeros((b, l, h, p), dtype)
-    x_np, A_np, D_np, mask_np, initial_np, y_np = (t.numpy() for t in (x_, A_, D_4d, mask, initial, y))
+    y = zeros((b, 1 if len(positions) else l, h, p), dtype)
+    x_np, A_np, D_np, mask_np, positions_np, initial_np, y_np = (
+        t.numpy() for t in (x_, A_, D_4d, mask, positions, initial, y))
     # The first direction adds the skip term.
     directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), finals[i].numpy(), backwards,
                    i == 0 and D is not None) for i, backwards in enumerate(reverse)]
@@ -204,14 +252,14 @@ def _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states,
     def scan(b0, b1, h0, h1):
         for dt_np, B_np, C_np, final_np, backwards, skip in directions:
             _forward(x_np, dt_np, A_np, B_np, C_np, D_np, skip, mask_np, initial_np, final_np, y_np, b0, b1, h0,
-                     h1, backwards, shift)
+                     h1, backwards, shift, positions_np)
 
     if b >= threads():
         run_parts(lambda b0, b1: scan(b0, b1, 0, h), split(b, threads()))
     else:  # few rows: the heads are independent, split them instead
         for row in range(b):
             run_parts(lambda h0, h1: scan(row, row + 1, h0, h1), split(h, threads()))
-    return y, finals, (x_, A_, D_4d, mask, initial, *scans)
+    return y, finals, (x_, A_, D_4d, mask, positions, initial, *scans)
 
 
 def skip_term(D, heads, dtype):
@@ -223,45 +271,53 @@ def skip_term(D, heads, dtype):
     return (D.unsqueeze(-1) if D.dim() == 3 else D.reshape(1, 1, heads, -1)).contiguous()
 
 
-def _scans(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C):
+def _scans(reverse, shift, return_final_states, x, A, D, initial_states, mask, positions, *dt_B_C):
     """:class:`_FusedScans` where autograd needs it, else the kernels without its bookkeeping."""
     if needs_grad(x, A, D, initial_states, *dt_B_C):
-        return _FusedScans.apply(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C)
-    y, finals, _ = _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C)
-    return (y.to(x.dtype), *finals) if return_final_states else y.to(x.dtype)
+        return _FusedScans.apply(reverse, shift, return_final_states, x, A, D, initial_states, mask, positions,
+                                 *dt_B_C)
+    y, finals, _ = _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask, positions,
+                                  *dt_B_C)
+    y = _without_position_axis(y, positions).to(x.dtype)
+    return (y, *finals) if return_final_states else y
+
+
+def _without_position_axis(y, positions):
+    """y (b, 1, h, p) at positions -> (b, h, p); y (b, l, h, p) unchanged when ``positions`` is None."""
+    return y if positions is None else y.squeeze(1)
 
 
 class _FusedScans(torch.autograd.Function):
     """Scans of one x, one per direction, summed into y; see the module's docstring."""
 
     @staticmethod
-    def forward(ctx, reverse, shift, return_final_states, x, A, D, initial_states, mask, *dt_B_C):
-        """reverse: a bool per direction; dt_B_C: dt, B, C of each direction in turn; D, mask (b, l)
-        and initial_states (one direction only) may be None. Returns y (0 at padded positions), and with
-        ``return_final_states`` the final states too, one per direction."""
+    def forward(ctx, reverse, shift, return_final_states, x, A, D, initial_states, mask, positions, *dt_B_C):
+        """reverse: a bool per direction; dt_B_C: dt, B, C of each direction in turn; D, mask (b, l),
+        positions (b,) and initial_states (one direction only) may be None. Returns y (0 at padded
+        positions), (b, l, h, p), or (b, h, p) at ``positions`` only, and with ``return_final_states``
+        the final states too, one per direction."""
         y, finals, saved = _scans_forward(reverse, shift, return_final_states, x, A, D, initial_states, mask,
-                                          *dt_B_C)
+                                          positions, *dt_B_C)
         ctx.save_for_backward(*saved)
         ctx.reverse, ctx.shift = reverse, shift
         ctx.input_dtypes = [None if t is None else t.dtype for t in (x, A, D, initial_states, *dt_B_C)]
         ctx.D_shape = None if D is None else D.shape
-        y = y.to(x.dtype)
+        y = _without_position_axis(y, positions).to(x.dtype)
         return (y, *finals) if return_final_states else y
 
     @staticmethod
     def backward(ctx, grad_y, *grad_finals):
-        x, A, D_4d, mask, initial, *scans = ctx.saved_tensors
-        grad_y = as_array(grad_y, x.dtype)
+        x, A, D_4d, mask, positions, initial, *scans = ctx.saved_tensors
+        grad_y = as_array(grad_y.unsqueeze(1) if len(positions) else grad_y, x.dtype)
         dx = zeros(x.shape, x.dtype)
         none = torch.empty(0, 0, 0, 0, dtype=x.dtype)
         d_initial = [none if ctx.input_dtypes[3] is None else empty(initial.shape, x.dtype) for _ in ctx.reverse]
-        # Per direction: ddt is written at every position, dB and dC are accumulated into.
-        d_scans = [(empty if i % 3 == 0 else zeros)(t.shape, t.dtype) for i, t in enumerate(scans)]
+        d_scans = [zeros(t.shape, t.dtype) for t in scans]     # per direction: ddt, dB, dC
         if not grad_finals:   # the final states were not returned
             grad_finals = [None] * len(ctx.reverse)
         grad_finals = [none if g is None else as_array(g, x.dtype) for g in grad_finals]
-        x_np, A_np, D_np, mask_np, initial_np, grad_y_np, dx_np = (
-            t.numpy() for t in (x, A, D_4d, mask, initial, grad_y, dx))
+        x_np, A_np, D_np, mask_np, positions_np, initial_np, grad_y_np, dx_np = (
+            t.numpy() for t in (x, A, D_4d, mask, positions, initial, grad_y, dx))
         directions = [(*(t.numpy() for t in scans[3 * i:3 * i + 3]), grad_finals[i].numpy(),
                        *(t.numpy() for t in d_scans[3 * i:3 * i + 3]), d_initial[i].numpy(), backwards,
                        i == 0 and ctx.D_shape is not None)
@@ -272,7 +328,7 @@ class _FusedScans(torch.autograd.Function):
             for dt_np, B_np, C_np, grad_final_np, ddt_np, dB_np, dC_np, d_initial_np, backwards, skip in directions:
                 _backward(x_np, dt_np, A_np, B_np, C_np, D_np, skip, mask_np, initial_np, grad_y_np, grad_final_np,
                           dx_np, ddt_np, dB_np, dC_np, dA, dD, d_initial_np, b0, b1, BACKWARD_CHUNK, backwards,
-                          ctx.shift)
+                          ctx.shift, positions_np)
             return dA, dD
 
         parts = run_parts(scan, split(x.shape[0], threads()))
@@ -282,17 +338,23 @@ class _FusedScans(torch.autograd.Function):
         d_initial_states = sum(d_initial) if ctx.input_dtypes[3] is not None else None
         grads = [None if dtype is None else grad.to(dtype)
                  for grad, dtype in zip((dx, dA, dD, d_initial_states, *d_scans), ctx.input_dtypes)]
-        return (None, None, None, *grads[:4], None, *grads[4:])   # none for reverse, shift, return_final_states, mask
+        # None for reverse, shift, return_final_states, mask and positions
+        return (None, None, None, *grads[:4], None, None, *grads[4:])
 
 
-def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_states=False, mask=None):
+def ssd_scan_fused(x, dt, A, B, C, D=None, initial_states=None, return_final_states=False, mask=None,
+                   positions=None):
     """The SSD scan by the compiled kernels; arguments and result as
-    :func:`recbole_ssm.ops.ssd.ssd_scan` (no chunk size: it changes nothing here)."""
-    return _scans((False,), False, return_final_states, x, A, D, initial_states, mask, dt, B, C)
+    :func:`recbole_ssm.ops.ssd.ssd_scan` (no chunk size: it changes nothing here). With ``positions``,
+    each row is scanned up to its position only."""
+    return _scans((False,), False, return_final_states, x, A, D, initial_states, mask, positions, dt, B, C)
 
 
-def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, mask=None):
+def shifted_bidirectional_scans_fused(x, dt_fwd, dt_bwd, A, B_fwd, C_fwd, B_bwd, C_bwd, D, mask=None, positions=None):
     """Hydra's mixer by the compiled kernels: y[t] = (forward scan's output at t - 1) + (backward scan's
     output at t + 1), each 0 past the ends, + D x[t]. Shapes as :func:`recbole_ssm.ops.hydra.hydra_mixer`;
-    padded positions (``mask`` False) are skipped by both scans and get y = 0. Returns (b, l, h, p)."""
-    return _scans((False, True), True, False, x, A, D, None, mask, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd, C_bwd)
+    padded positions (``mask`` False) are skipped by both scans and get y = 0. Returns (b, l, h, p), or
+    (b, h, p) at ``positions`` (b,): then the forward scan stops before each row's position and the
+    backward scan runs from the end down to the position after it (none at a row's last position)."""
+    return _scans((False, True), True, False, x, A, D, None, mask, positions, dt_fwd, B_fwd, C_fwd, dt_bwd, B_bwd,
+                  C_bwd)

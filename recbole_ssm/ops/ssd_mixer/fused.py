@@ -13,7 +13,7 @@ from recbole_ssm.ops.ssd.fused_recurrent import _forward as scan_rows, skip_term
 
 @njit(**JIT_OPTIONS)
 def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps, group_size, norm_before_gate,
-         shift, positions, conv_out, x, B, C, dt_scan, skip, y, at_positions, out, b0, b1):
+         shift, positions, conv_out, x, B, C, dt_scan, skip, y, out, b0, b1):
     """Rows b0:b1.
 
     xBC (batch, length, d_inner + directions * 2 * g * n): the convolution's input, [x, (B, C) per
@@ -21,10 +21,11 @@ def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps
     softplus applied; A (heads,); D (heads,); fc_D (heads, d_inner) for Hydra's diagonal D + fc_D x_t,
     or (0, 0); mask (batch, length) bool or (0, 0); z (batch * length, d_inner), or (batch, d_inner) at
     ``positions`` (batch,) (size 0: all positions); out: like z. One direction: a forward scan; two:
-    forward and reversed. ``shift``: outputs moved one position on in scan order (Hydra).
-    Work arrays: conv_out like xBC; x, y (batch, length, heads, p); B, C (directions, batch, length, g,
-    n); dt_scan (directions, batch, length, heads); skip (batch or 1, length or 1, heads, 1);
-    at_positions (batch, d_inner).
+    forward and reversed. ``shift``: outputs moved one position on in scan order (Hydra). At
+    ``positions``, the scans stop where those positions are reached.
+    Work arrays: conv_out like xBC; x (batch, length, heads, p); y like x, or (batch, 1, heads, p) at
+    ``positions``; B, C (directions, batch, length, g, n); dt_scan (directions, batch, length, heads);
+    skip (batch or 1, length or 1, heads, 1).
     """
     batch, length, heads, headdim = x.shape
     directions, d_inner = dt.shape[2], heads * headdim
@@ -39,7 +40,7 @@ def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps
                 B[i, b, t].reshape(bc)[:] = row[start:start + bc]
                 C[i, b, t].reshape(bc)[:] = row[start + bc:start + 2 * bc]
                 dt_scan[i, b, t] = dt[b, t, i]
-            for h in range(fc_D.shape[0]):
+            for h in range(fc_D.shape[0] if not positions.shape[0] or t == positions[b] else 0):
                 diagonal = D[h]
                 for c in range(d_inner):
                     diagonal += fc_D[h, c] * x_t[c]
@@ -48,14 +49,10 @@ def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps
     no_states = np.empty((0, 0, 0, 0), x.dtype)
     for i in range(directions):
         scan_rows(x, dt_scan[i], A, B[i], C[i], skip, i == 0, mask, no_states, no_states, y, b0, b1, 0, heads,
-                  i == 1, shift)
-    if positions.shape[0]:
-        for b in range(b0, b1):
-            at_positions[b] = y[b, positions[b]].reshape(d_inner)
-        normalise_rows(at_positions, z, norm_weight, eps, group_size, norm_before_gate, out, b0, b1)
-    else:
-        normalise_rows(y.reshape(batch * length, d_inner), z, norm_weight, eps, group_size, norm_before_gate, out,
-                       b0 * length, b1 * length)
+                  i == 1, shift, positions)
+    rows = y.shape[1]           # per batch row: length, or 1 at positions
+    normalise_rows(y.reshape(batch * rows, d_inner), z, norm_weight, eps, group_size, norm_before_gate, out,
+                   b0 * rows, b1 * rows)
 
 
 def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weight, norm_weight, eps, group_size,
@@ -84,7 +81,7 @@ def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weigh
     work = (np.empty((batch, length, channels), np_dtype), np.empty((batch, length, heads, headdim), np_dtype),
             np.empty(scan_shape, np_dtype), np.empty(scan_shape, np_dtype),
             np.empty((directions, batch, length, heads), np_dtype), skip,
-            np.empty((batch, length, heads, headdim), np_dtype), np.empty((batch, d_inner), np_dtype))
+            np.empty((batch, 1 if positions is not None else length, heads, headdim), np_dtype))
     out = empty(z.shape, dtype)
     out_np = out.numpy().reshape(-1, d_inner)
     run_parts(lambda b0, b1: _mix(*inputs, *work, out_np, b0, b1), split(batch, threads()))
