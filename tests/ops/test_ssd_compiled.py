@@ -230,3 +230,20 @@ def test_positions_are_checked():
             ssd_scan(x, dt, A, B, C, 4, positions=torch.tensor([1, 2, 3]), backend=backend)
         with pytest.raises(ValueError, match="positions and return_final_states cannot be combined"):
             ssd_scan(x, dt, A, B, C, 4, positions=torch.tensor([1, 2]), return_final_states=True, backend=backend)
+
+
+def test_heads_split_across_a_group_between_threads():
+    """One row on two threads: heads 0:3 and 3:6, the second thread's range starting inside a group of
+    two heads (3 groups); outputs, final states and gradients as the recurrence's."""
+    inputs = make_inputs(b=1, l=13, h=6, p=3, g=3, n=6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y, final, grads = outputs_and_grads(compiled, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    expected_y, expected_final, expected_grads = outputs_and_grads(reference, inputs)
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-10)
+    torch.testing.assert_close(final, expected_final, rtol=0, atol=1e-10)
+    for name in NAMES:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-10, msg=name)

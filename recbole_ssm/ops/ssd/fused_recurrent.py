@@ -61,57 +61,107 @@ def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, r
     at (batch,) of size 0: y like x; each position's read-out C_t . S_t is added to y at its position,
     moved one on in scan order if ``shift``, and D x_t at its own position. Else y is (batch, 1, heads,
     p) and gets row b's output at position at[b] only: the scan stops there (:func:`_scan_steps`) and
-    reads out once."""
+    reads out once.
+
+    The state is held channels last, (n, heads * p): each of a group's states is then a multiply-add
+    over a contiguous run of channels (the heads' decays and inputs spread over their channels first)
+    and the read-out sums over the states into one vector per position, with no sum across a vector;
+    four states at a time share the loads and stores of that sum. (1.5x faster than per head with the
+    states innermost, at 8 heads of 16 channels, d_state 32, one group or two, forward or reversed.)"""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
-    per_group = heads // B.shape[2]
+    groups, n_state = B.shape[2], B.shape[3]
+    per_group = heads // groups
     step = -1 if reverse else 1
     masked = mask.shape[0] > 0
     one_position = at.shape[0] > 0
-    s = np.empty((headdim, B.shape[3]), x.dtype)
+    c_first, c_stop = h0 * headdim, h1 * headdim      # the channels of heads h0:h1
+    width = c_stop - c_first
+    s = np.empty((n_state, width), x.dtype)
+    decays = np.empty(width, x.dtype)                 # exp(dt A) of each channel's head
+    drive = np.empty(width, x.dtype)                  # dt x
+    readout = np.empty(width, x.dtype)                # C_t . S_t
     for b in range(b0, b1):
         steps, last = _scan_steps(length, reverse, shift, at, b)
         for h in range(h0, h1):
-            g = h // per_group
-            _row_or_zeros(initial, b, h, s)
-            for k in range(steps):
-                t = length - 1 - k if reverse else k
-                if masked and not mask[b, t]:
-                    continue
-                out = t + step if shift else t
-                write = 0 <= out < length and (not masked or mask[b, out]) and (not one_position or t == last)
-                a = exp32(dt[b, t, h] * A[h])
-                B_t, C_t, x_t = B[b, t, g], C[b, t, g], x[b, t, h]
-                if write:
-                    y_t = y[b, 0 if one_position else out, h]
-                    for p in range(headdim):
-                        xdt = x_t[p] * dt[b, t, h]
-                        s_p = s[p]
-                        acc = x.dtype.type(0)
-                        for n in range(s_p.shape[0]):
-                            s_p[n] = a * s_p[n] + xdt * B_t[n]
-                            acc += s_p[n] * C_t[n]
-                        y_t[p] += acc
-                else:      # a step whose output is not wanted: the state update alone
-                    for p in range(headdim):
-                        xdt = x_t[p] * dt[b, t, h]
-                        s_p = s[p]
-                        for n in range(s_p.shape[0]):
-                            s_p[n] = a * s_p[n] + xdt * B_t[n]
-                if skip and not one_position:   # in a loop of its own: inside the ones above, it halved their speed
-                    _add_skip(D, x, b, t, h, y[b, t, h])
-            if skip and one_position and (not masked or mask[b, at[b]]):
-                _add_skip(D, x, b, at[b], h, y[b, 0, h])
-            if final.shape[0]:
-                final[b, h] = s
+            for p in range(headdim):
+                for n in range(n_state):
+                    s[n, (h - h0) * headdim + p] = initial[b, h, p, n] if initial.shape[0] else 0
+        for k in range(steps):
+            t = length - 1 - k if reverse else k
+            if masked and not mask[b, t]:
+                continue
+            out = t + step if shift else t
+            write = 0 <= out < length and (not masked or mask[b, out]) and (not one_position or t == last)
+            x_t = x[b, t].reshape(heads * headdim)[c_first:c_stop]
+            for h in range(h0, h1):
+                a, dt_h = exp32(dt[b, t, h] * A[h]), dt[b, t, h]
+                for c in range((h - h0) * headdim, (h - h0 + 1) * headdim):
+                    decays[c] = a
+                    drive[c] = dt_h * x_t[c]
+            for g in range(groups):
+                c0 = (max(g * per_group, h0) - h0) * headdim
+                c1 = (min((g + 1) * per_group, h1) - h0) * headdim
+                if c0 < c1:
+                    _update_group(s, decays, drive, B[b, t, g], C[b, t, g], readout, write, c0, c1)
+            if write:
+                y_t = y[b, 0 if one_position else out].reshape(heads * headdim)[c_first:c_stop]
+                for c in range(width):
+                    y_t[c] += readout[c]
+            if skip and not one_position:
+                _add_skip(D, x, b, t, h0, h1, y[b, t])
+        if skip and one_position and (not masked or mask[b, at[b]]):
+            _add_skip(D, x, b, at[b], h0, h1, y[b, 0])
+        if final.shape[0]:
+            for h in range(h0, h1):
+                for p in range(headdim):
+                    for n in range(n_state):
+                        final[b, h, p, n] = s[n, (h - h0) * headdim + p]
 
 
 @njit(**JIT_OPTIONS)
-def _add_skip(D, x, b, t, h, y_t):
-    """y_t += D x[b, t, h], D the skip term as :func:`_forward` takes it."""
-    D_t = D[min(b, D.shape[0] - 1), min(t, D.shape[1] - 1), h]
-    x_t = x[b, t, h]
-    for p in range(x_t.shape[0]):
-        y_t[p] += D_t[min(p, D_t.shape[0] - 1)] * x_t[p]
+def _update_group(s, decays, drive, B_t, C_t, readout, read, c0, c1):
+    """One position of a group's channels c0:c1: s[n] = decays s[n] + drive B_t[n] for each state n
+    (s: (n, channels)), and with ``read`` readout = sum_n C_t[n] s[n]. (The loops run over 1-d slices
+    from 0: over c0:c1 of the whole rows, or over rows of s[:, c0:c1], which Numba cannot tell are
+    contiguous, they did not vectorise and took 4x as long.)"""
+    n_state, width = s.shape[0], c1 - c0
+    decays, drive, readout = decays[c0:c1], drive[c0:c1], readout[c0:c1]
+    if not read:
+        for n in range(n_state):
+            s_n, B_n = s[n, c0:c1], B_t[n]
+            for c in range(width):
+                s_n[c] = decays[c] * s_n[c] + drive[c] * B_n
+        return
+    readout[:] = 0
+    n = 0
+    while n + 4 <= n_state:
+        s0, s1, s2, s3 = s[n, c0:c1], s[n + 1, c0:c1], s[n + 2, c0:c1], s[n + 3, c0:c1]
+        B0, B1, B2, B3 = B_t[n], B_t[n + 1], B_t[n + 2], B_t[n + 3]
+        C0, C1, C2, C3 = C_t[n], C_t[n + 1], C_t[n + 2], C_t[n + 3]
+        for c in range(width):
+            a, u = decays[c], drive[c]
+            v0 = a * s0[c] + u * B0
+            v1 = a * s1[c] + u * B1
+            v2 = a * s2[c] + u * B2
+            v3 = a * s3[c] + u * B3
+            s0[c], s1[c], s2[c], s3[c] = v0, v1, v2, v3
+            readout[c] += v0 * C0 + v1 * C1 + v2 * C2 + v3 * C3
+        n += 4
+    for n in range(n, n_state):
+        s_n, B_n, C_n = s[n, c0:c1], B_t[n], C_t[n]
+        for c in range(width):
+            s_n[c] = decays[c] * s_n[c] + drive[c] * B_n
+            readout[c] += s_n[c] * C_n
+
+
+@njit(**JIT_OPTIONS)
+def _add_skip(D, x, b, t, h0, h1, y_t):
+    """y_t[h] += D x[b, t, h] for heads h0:h1 (y_t: (heads, p)), D the skip term as :func:`_forward` takes it."""
+    D_t, x_t = D[min(b, D.shape[0] - 1), min(t, D.shape[1] - 1)], x[b, t]
+    per_channel = D_t.shape[1] > 1
+    for h in range(h0, h1):
+        for p in range(x_t.shape[1]):
+            y_t[h, p] += D_t[h, p if per_channel else 0] * x_t[h, p]
 
 
 @njit(**JIT_OPTIONS)
