@@ -32,20 +32,36 @@ def test_exp_error_bound_inside_a_kernel():
     assert (np.abs(got - exact) / exact).max() < 1e-7
 
 
-def test_decay_error_bound_inside_a_kernel():
-    # The scans' decays exp(delta * A), exponents <= 0: relative error 1.5e-7 + 1e-7 |x| (the rounding
-    # of x log2 e, as in mamba-ssm's CUDA scan), so the absolute error stays below 1.5e-7 exp(x) + 4e-8.
-    x = float32_grid(-87.3, 0)
+def test_pow2_error_bound_inside_a_kernel():
+    x = float32_grid(-126, 0)
     got = np.empty_like(x)
-    compiled.decay_in_kernel(x, got)
-    exact = np.exp(x.astype(np.float64))
-    assert (np.abs(got - exact) / exact / (1.5e-7 + 1e-7 * np.abs(x))).max() < 1
-    assert (np.abs(got - exact) - 1.5e-7 * exact).max() < 4e-8
-    edges = np.array([-1e30, -88.5, -np.inf, np.nan, 0.0], dtype=np.float32)
+    compiled.pow2_in_kernel(x, got)
+    exact = np.exp2(x.astype(np.float64))
+    assert (np.abs(got - exact) / exact).max() < 1.5e-7
+    edges = np.array([-1e30, -127.5, -np.inf, np.nan, 0.0], dtype=np.float32)
     got = np.empty_like(edges)
-    compiled.decay_in_kernel(edges, got)
-    np.testing.assert_array_equal(got[:3], 0)
+    compiled.pow2_in_kernel(edges, got)
+    np.testing.assert_array_equal(got[:3], 0)                       # never a (slow) subnormal
     assert np.isnan(got[3]) and got[4] == 1
+
+
+def test_decay_error_bound_inside_a_kernel():
+    # The selective scan's decays exp(delta * A), delta > 0 and A < 0, as its kernels compute them:
+    # relative error 1.5e-7 + 2e-7 |delta A| (pow2's, and the roundings of A log2 e and of the product),
+    # so an absolute error below 1.5e-7 exp(x) + 8e-8.
+    gen = np.random.default_rng(0)
+    delta = np.exp(gen.uniform(-9, 2, 2_000_000)).astype(np.float32)
+    A = -np.exp(gen.uniform(-3, 4, 2_000_000)).astype(np.float32)
+    got = np.empty_like(delta)
+    compiled.decay_in_kernel(delta, A, got)
+    x = delta.astype(np.float64) * A.astype(np.float64)
+    keep = x > -87                                                   # below: 0 or a subnormal
+    exact = np.exp(x[keep])
+    error = np.abs(got[keep] - exact)
+    assert (error / exact / (1.5e-7 + 2e-7 * np.abs(x[keep]))).max() < 1
+    assert (error - 1.5e-7 * exact).max() < 8e-8
+    assert (got[~keep] < 2e-38).all()
+    assert np.abs(x).max() > 300 and np.abs(x).min() < 1e-3       # the range covered
 
 
 def test_exp_at_the_edges():

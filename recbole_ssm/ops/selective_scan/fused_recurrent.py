@@ -12,8 +12,8 @@ import torch
 from numba import njit
 
 from recbole_ssm.ops.autograd import needs_grad
-from recbole_ssm.ops.compiled import (JIT_OPTIONS, as_array, decay, empty, run_parts, sigmoid, silu_slope, softplus,
-                                      split, threads, zeros)
+from recbole_ssm.ops.compiled import (JIT_OPTIONS, LOG2E, as_array, empty, pow2, run_parts, sigmoid, silu_slope,
+                                      softplus, split, threads, zeros)
 
 # Positions the backward pass walks back at once, per batch row and thread: it holds eight (chunk,
 # d_inner) arrays (1 MB at d_inner 128, float32) and the states entering each chunk. Sequences of up
@@ -40,6 +40,7 @@ def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1):
     dt = np.empty(d_inner, u.dtype)
     drive = np.empty(d_inner, u.dtype)
     y = np.empty(d_inner, u.dtype)
+    A_log2 = A_T * u.dtype.type(LOG2E)           # exp(dt A) = 2**(dt A log2 e)
     for b in range(b0, b1):
         h = state[b]
         for t in range(length):
@@ -48,10 +49,25 @@ def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1):
             for d in range(d_inner):
                 drive[d] = dt[d] * u_t[d]
                 y[d] = D[d] * u_t[d]
-            for n in range(n_state):
-                A_n, h_n, B_tn, C_tn = A_T[n], h[n], B[b, t, n], C[b, t, n]
+            n = 0
+            while n + 4 <= n_state:   # four states at a time share the loads and stores of y
+                A_0, A_1, A_2, A_3 = A_log2[n], A_log2[n + 1], A_log2[n + 2], A_log2[n + 3]
+                h_0, h_1, h_2, h_3 = h[n], h[n + 1], h[n + 2], h[n + 3]
+                B_0, B_1, B_2, B_3 = B[b, t, n], B[b, t, n + 1], B[b, t, n + 2], B[b, t, n + 3]
+                C_0, C_1, C_2, C_3 = C[b, t, n], C[b, t, n + 1], C[b, t, n + 2], C[b, t, n + 3]
                 for d in range(d_inner):
-                    h_n[d] = decay(dt[d] * A_n[d]) * h_n[d] + drive[d] * B_tn
+                    r, v = dt[d], drive[d]
+                    s_0 = pow2(r * A_0[d]) * h_0[d] + v * B_0
+                    s_1 = pow2(r * A_1[d]) * h_1[d] + v * B_1
+                    s_2 = pow2(r * A_2[d]) * h_2[d] + v * B_2
+                    s_3 = pow2(r * A_3[d]) * h_3[d] + v * B_3
+                    h_0[d], h_1[d], h_2[d], h_3[d] = s_0, s_1, s_2, s_3
+                    y[d] += s_0 * C_0 + s_1 * C_1 + s_2 * C_2 + s_3 * C_3
+                n += 4
+            for n in range(n, n_state):
+                A2_n, h_n, B_tn, C_tn = A_log2[n], h[n], B[b, t, n], C[b, t, n]
+                for d in range(d_inner):
+                    h_n[d] = pow2(dt[d] * A2_n[d]) * h_n[d] + drive[d] * B_tn
                     y[d] += h_n[d] * C_tn
             if z.shape[0]:
                 z_t = z[b, t]
@@ -86,6 +102,7 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
     grad_decay = np.empty((chunk, d_inner), u.dtype)           # sum_n dL/da_t[n] a_t[n] A[n]
     grad_h = np.empty((n_state, d_inner), u.dtype)             # dL/dh entering the chunk after
     g = np.empty(d_inner, u.dtype)
+    A_log2 = A_T * u.dtype.type(LOG2E)                         # exp(dt A) = 2**(dt A log2 e)
     for b in range(b0, b1):
         # States entering each chunk (no pass needed when the sequence is one chunk), run in grad_h,
         # which is zeroed after.
@@ -98,9 +115,9 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
             for d in range(d_inner):
                 drive[0, d] = rates[0, d] * u[b, t, d]
             for n in range(n_state):
-                A_n, h_n, B_tn = A_T[n], state[n], B[b, t, n]
+                A2_n, h_n, B_tn = A_log2[n], state[n], B[b, t, n]
                 for d in range(d_inner):
-                    h_n[d] = decay(rates[0, d] * A_n[d]) * h_n[d] + drive[0, d] * B_tn
+                    h_n[d] = pow2(rates[0, d] * A2_n[d]) * h_n[d] + drive[0, d] * B_tn
         grad_h[:] = 0
         for c in range(chunks - 1, -1, -1):
             t0 = c * chunk
@@ -119,12 +136,12 @@ def _backward(u, delta, A_T, B, C, D, z, bias, use_softplus, initial, grad_out,
                     else:
                         grad_y[j, d] = grad_out[b, t, d]
             for n in range(n_state):
-                A_n, dA_n = A_T[n], dA_T[n]
+                A_n, A2_n, dA_n = A_T[n], A_log2[n], dA_T[n]
                 h[0] = entering[c, n] if chunks > 1 else initial[b, n]
                 for j in range(steps):          # this state along the chunk
                     B_tn, C_tn = B[b, t0 + j, n], C[b, t0 + j, n]
                     for d in range(d_inner):
-                        decays[j, d] = decay(rates[j, d] * A_n[d])
+                        decays[j, d] = pow2(rates[j, d] * A2_n[d])
                         h[j + 1, d] = decays[j, d] * h[j, d] + drive[j, d] * B_tn
                         readout[j, d] += h[j + 1, d] * C_tn
                 g[:] = grad_h[n]
