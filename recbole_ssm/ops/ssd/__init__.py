@@ -33,7 +33,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_fin
                              "states are those after the whole sequence)")
     if use_compiled(backend, x):
         # On a CPU the compiled recurrence beats the chunked matrix products at every shape measured
-        # (python -m benchmarks.kernels at 4fe5b1b: 1.6x to 6.9x, forward and forward + backward,
+        # (python -m benchmarks.kernels at 9b5804b: 1.8x to 6.0x, forward and forward + backward,
         # batch x length 2048 x 50, 256 x 200, 8 x 200, 8 x 2000, 1 x 2000): PyTorch's chunked form
         # pays for many small operations and for padding to whole chunks. It skips padded positions itself.
         from recbole_ssm.ops.ssd.fused_recurrent import ssd_scan_fused
