@@ -121,9 +121,9 @@ def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, r
 @njit(**JIT_OPTIONS)
 def _update_group(s, decays, drive, B_t, C_t, readout, read, c0, c1):
     """One position of a group's channels c0:c1: s[n] = decays s[n] + drive B_t[n] for each state n
-    (s: (n, channels)), and with ``read`` readout = sum_n C_t[n] s[n]. (The loops run over 1-d slices
-    from 0: over c0:c1 of the whole rows, or over rows of s[:, c0:c1], which Numba cannot tell are
-    contiguous, they did not vectorise and took 4x as long.)"""
+    (s: (n, channels)), and with ``read`` readout = sum_n C_t[n] s[n]. The loops run from 0 over 1-d
+    slices: loops over c0:c1 of whole rows, or over the rows of s[:, c0:c1] (which Numba cannot tell
+    are contiguous), did not vectorise and took 4x as long."""
     n_state, width = s.shape[0], c1 - c0
     decays, drive, readout = decays[c0:c1], drive[c0:c1], readout[c0:c1]
     if not read:
@@ -171,8 +171,8 @@ def _backward(x, dt, A, B, C, D, skip, mask, initial, grad_y, grad_final, dx, dd
     output at at[b] only, and only the steps that reach it are walked back). grad_final: dL/d(final
     state), like ``initial``. ddt like dt, zeroed by the caller: written at the positions walked back;
     d_initial like initial: written; dx like x, dB, dC (zeroed by the caller), dA (heads,), dD (like
-    D): accumulated into. initial, grad_final and d_initial of size 0
-    stand for zeros, zeros and not wanted."""
+    D): accumulated into. initial, grad_final and d_initial of size 0 stand for zeros, zeros and not
+    wanted."""
     length, heads, headdim = x.shape[1], x.shape[2], x.shape[3]
     n_state = B.shape[3]
     per_group = heads // B.shape[2]
