@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recbole_ssm.modules.ssd_base import SSDBlockBase
-from recbole_ssm.ops import ssd_mixer
+from recbole_ssm.ops.backend import use_compiled_without_gradients
 from recbole_ssm.ops.hydra import hydra_mixer
 
 
@@ -39,7 +39,7 @@ class HydraBlock(SSDBlockBase):
         outputs at real positions do not depend on the padding nor on the other rows.
         Returns (b, l, d_model), or (b, d_model) at ``positions`` (b,) only."""
         z, xBC, dt = self.project(hidden_states, mask, positions)
-        if ssd_mixer.applies(self.backend, xBC, self):
+        if use_compiled_without_gradients(self.backend, xBC, self):
             return self.out_proj(self.mix_without_gradients(z, xBC, dt, mask, positions))
         xBC = self.convolve(xBC)
         gn = self.ngroups * self.d_state

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from recbole_ssm.modules.arguments import check_positive_integers
 from recbole_ssm.ops.positions import at_positions
 from recbole_ssm.modules.streaming import CausalStreaming, convolve_continuing, real_lengths
-from recbole_ssm.ops.backend import check_backend
+from recbole_ssm.ops.backend import check_backend, use_compiled_without_gradients
 from recbole_ssm.ops.conv import depthwise_conv1d
+from recbole_ssm.ops.selective_mixer import selective_mixer_no_grad
 from recbole_ssm.ops.selective_scan import selective_scan
 
 
@@ -101,11 +102,17 @@ class MambaBlock(CausalStreaming, nn.Module):
         """With ``state`` (from :meth:`empty_state` or an earlier call) the sequence continues from it;
         with ``return_state`` the result is (output, state after each row's last real position), for
         right-padded rows. With ``positions`` (b,), the output at those positions only, (b, d_model):
-        the scan still runs over every position, the z gate and out_proj only there."""
+        the z gate and out_proj run only there. Without gradients on the compiled backend, the middle
+        of the block is :func:`recbole_ssm.ops.selective_mixer.selective_mixer_no_grad` (whose scans
+        stop at the positions); otherwise the ops one by one, and the scan runs over every position."""
         streaming = state is not None or return_state
         if mask is not None:
             hidden_states = hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
         x, z = self.project_in(hidden_states, positions)            # (b, d_inner, l); z alike or (b, d_inner)
+        if not streaming and use_compiled_without_gradients(self.backend, x, self):
+            return self.out_proj(selective_mixer_no_grad(
+                x, z, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.A_log, self.D, positions))
         if streaming:
             lengths = None if mask is None else real_lengths(mask)
             x, conv_state = convolve_continuing(x.transpose(1, 2), self.conv1d, self.backend,

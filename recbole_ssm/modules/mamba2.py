@@ -9,7 +9,7 @@ import torch
 
 from recbole_ssm.modules.ssd_base import SSDBlockBase
 from recbole_ssm.modules.streaming import CausalStreaming, convolve_continuing, real_lengths
-from recbole_ssm.ops import ssd_mixer
+from recbole_ssm.ops.backend import use_compiled_without_gradients
 from recbole_ssm.ops.ssd import ssd_scan
 
 
@@ -49,7 +49,7 @@ class Mamba2Block(CausalStreaming, SSDBlockBase):
         right-padded rows. With ``positions`` (b,), the output at those positions only, (b, d_model)."""
         streaming = state is not None or return_state
         z, xBC, dt = self.project(hidden_states, mask, positions)
-        if not streaming and ssd_mixer.applies(self.backend, xBC, self):
+        if not streaming and use_compiled_without_gradients(self.backend, xBC, self):
             return self.out_proj(self.mix_without_gradients(z, xBC, dt, mask, positions))
         if streaming:
             lengths = None if mask is None else real_lengths(mask)

@@ -103,7 +103,7 @@ class SSDBlockBase(nn.Module):
 
     def mix_without_gradients(self, z, xBC, dt, mask=None, positions=None):
         """Convolution, scans and gated norm in one compiled call, for CPU tensors under the compiled
-        backend when no gradient is needed (see :func:`recbole_ssm.ops.ssd_mixer.applies`): the
+        backend when no gradient is needed (see :func:`recbole_ssm.ops.backend.use_compiled_without_gradients`): the
         projections' outputs (as :meth:`project` returns them) -> out_proj's input, (b, l, d_inner), or
         (b, d_inner) at ``positions``. Hydra's diagonal uses its ``fc_D``."""
         fc_D = getattr(self, "fc_D", None)

@@ -136,6 +136,14 @@ def use_compiled(backend, tensor):
                       "implementation")
 
 
+def use_compiled_without_gradients(backend, x, module):
+    """Whether a block runs its one-call compiled path (:mod:`recbole_ssm.ops.ssd_mixer`,
+    :mod:`recbole_ssm.ops.selective_mixer`) for its activation ``x``: the compiled kernels for this CPU
+    tensor under ``backend``, and no gradient to compute, through ``x`` nor ``module``'s parameters."""
+    if not use_compiled(backend, x):
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
 def _available(reason, required, error, warning):
     """True where there is no ``reason`` against a kernel; else, when the backend ``required`` it, an
     error, otherwise ``warning`` once for this reason, and False."""

@@ -31,51 +31,68 @@ def _step_rates(delta_t, bias, use_softplus, out):
 
 
 @njit(**JIT_OPTIONS)
+def _start_position(u_t, dt, D, drive, y):
+    """drive[d] = dt[d] u_t[d], and y[d] = D[d] u_t[d], the skip term the read-out adds to."""
+    for d in range(u_t.shape[0]):
+        drive[d] = dt[d] * u_t[d]
+        y[d] = D[d] * u_t[d]
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def _update_states(h, A_log2, dt, drive, B_t, C_t, y):
+    """One position of every channel's states h (n, d): h[n] = exp(dt A[n]) h[n] + drive B_t[n], and
+    y += sum_n C_t[n] h[n]. A_log2 (n, d): A log2 e; dt, drive, y (d,); B_t, C_t (n,)."""
+    n_state, d_inner = A_log2.shape
+    n = 0
+    while n + 4 <= n_state:   # four states at a time share the loads and stores of y
+        A_0, A_1, A_2, A_3 = A_log2[n], A_log2[n + 1], A_log2[n + 2], A_log2[n + 3]
+        h_0, h_1, h_2, h_3 = h[n], h[n + 1], h[n + 2], h[n + 3]
+        B_0, B_1, B_2, B_3 = B_t[n], B_t[n + 1], B_t[n + 2], B_t[n + 3]
+        C_0, C_1, C_2, C_3 = C_t[n], C_t[n + 1], C_t[n + 2], C_t[n + 3]
+        for d in range(d_inner):
+            r, v = dt[d], drive[d]
+            s_0 = pow2(r * A_0[d]) * h_0[d] + v * B_0
+            s_1 = pow2(r * A_1[d]) * h_1[d] + v * B_1
+            s_2 = pow2(r * A_2[d]) * h_2[d] + v * B_2
+            s_3 = pow2(r * A_3[d]) * h_3[d] + v * B_3
+            h_0[d], h_1[d], h_2[d], h_3[d] = s_0, s_1, s_2, s_3
+            y[d] += s_0 * C_0 + s_1 * C_1 + s_2 * C_2 + s_3 * C_3
+        n += 4
+    for n in range(n, n_state):
+        A2_n, h_n, B_tn, C_tn = A_log2[n], h[n], B_t[n], C_t[n]
+        for d in range(d_inner):
+            h_n[d] = pow2(dt[d] * A2_n[d]) * h_n[d] + drive[d] * B_tn
+            y[d] += h_n[d] * C_tn
+
+
+@njit(**JIT_OPTIONS)
+def _gate(y, z_t, out_t):
+    """out_t = y silu(z_t), or y where z_t has size 0 (no gate)."""
+    if z_t.shape[0]:
+        for d in range(y.shape[0]):
+            out_t[d] = y[d] * z_t[d] * sigmoid(z_t[d])
+    else:
+        out_t[:] = y
+
+
+@njit(**JIT_OPTIONS)
 def _forward(u, delta, A_T, B, C, D, z, bias, use_softplus, out, state, b0, b1):
     """Rows b0:b1. u, delta, z, out: (batch, length, d); A_T: (n, d); B, C: (batch, length, n);
     D, bias: (d,); z of shape (0, 0, 0) for no gate; state (batch, n, d): the state before the first
     position, overwritten with the state after the last one. (The channel loops run over whole rows:
     a loop over a sub-range of channels vectorised 7x worse.)"""
-    length, d_inner, n_state = u.shape[1], u.shape[2], A_T.shape[0]
+    length, d_inner = u.shape[1], u.shape[2]
     dt = np.empty(d_inner, u.dtype)
     drive = np.empty(d_inner, u.dtype)
     y = np.empty(d_inner, u.dtype)
+    no_gate = np.empty(0, u.dtype)
     A_log2 = A_T * u.dtype.type(LOG2E)           # exp(dt A) = 2**(dt A log2 e)
     for b in range(b0, b1):
-        h = state[b]
         for t in range(length):
-            u_t, out_t = u[b, t], out[b, t]
             _step_rates(delta[b, t], bias, use_softplus, dt)
-            for d in range(d_inner):
-                drive[d] = dt[d] * u_t[d]
-                y[d] = D[d] * u_t[d]
-            n = 0
-            while n + 4 <= n_state:   # four states at a time share the loads and stores of y
-                A_0, A_1, A_2, A_3 = A_log2[n], A_log2[n + 1], A_log2[n + 2], A_log2[n + 3]
-                h_0, h_1, h_2, h_3 = h[n], h[n + 1], h[n + 2], h[n + 3]
-                B_0, B_1, B_2, B_3 = B[b, t, n], B[b, t, n + 1], B[b, t, n + 2], B[b, t, n + 3]
-                C_0, C_1, C_2, C_3 = C[b, t, n], C[b, t, n + 1], C[b, t, n + 2], C[b, t, n + 3]
-                for d in range(d_inner):
-                    r, v = dt[d], drive[d]
-                    s_0 = pow2(r * A_0[d]) * h_0[d] + v * B_0
-                    s_1 = pow2(r * A_1[d]) * h_1[d] + v * B_1
-                    s_2 = pow2(r * A_2[d]) * h_2[d] + v * B_2
-                    s_3 = pow2(r * A_3[d]) * h_3[d] + v * B_3
-                    h_0[d], h_1[d], h_2[d], h_3[d] = s_0, s_1, s_2, s_3
-                    y[d] += s_0 * C_0 + s_1 * C_1 + s_2 * C_2 + s_3 * C_3
-                n += 4
-            for n in range(n, n_state):
-                A2_n, h_n, B_tn, C_tn = A_log2[n], h[n], B[b, t, n], C[b, t, n]
-                for d in range(d_inner):
-                    h_n[d] = pow2(dt[d] * A2_n[d]) * h_n[d] + drive[d] * B_tn
-                    y[d] += h_n[d] * C_tn
-            if z.shape[0]:
-                z_t = z[b, t]
-                for d in range(d_inner):
-                    out_t[d] = y[d] * z_t[d] * sigmoid(z_t[d])
-            else:
-                for d in range(d_inner):
-                    out_t[d] = y[d]
+            _start_position(u[b, t], dt, D, drive, y)
+            _update_states(state[b], A_log2, dt, drive, B[b, t], C[b, t], y)
+            _gate(y, z[b, t] if z.shape[0] else no_gate, out[b, t])
 
 
 @njit(**JIT_OPTIONS)

@@ -13,17 +13,6 @@ The same compiled kernels that those ops run one by one, called in turn from one
 L=200) once. With gradients to compute, or off the compiled backend, the blocks call the ops one by
 one; the tests hold this path to them.
 """
-import torch
-
-from recbole_ssm.ops.backend import use_compiled
-
-
-def applies(backend, x, module):
-    """Whether a block takes this path for its activation ``x``: the compiled kernels for this CPU
-    tensor under ``backend``, and no gradient to compute, through ``x`` nor ``module``'s parameters."""
-    if not use_compiled(backend, x):
-        return False
-    return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def ssd_mixer_no_grad(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weight, norm_weight, eps, group_size,

@@ -1,0 +1,93 @@
+"""The compiled functions of :mod:`recbole_ssm.ops.selective_mixer` and their wrapper: the convolution's
+kernel, x_proj in PyTorch, then one kernel for dt_proj, softplus and the gated selective scan."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+from recbole_ssm.ops.compiled import (JIT_OPTIONS, LOG2E, as_array, empty, exp32, run_parts, softplus, split,
+                                      threads)
+from recbole_ssm.ops.conv.fused import _forward as convolve_rows
+from recbole_ssm.ops.conv.shifted import padding
+from recbole_ssm.ops.selective_scan.fused_recurrent import _gate, _start_position, _update_states
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def _projected_rates(low_t, weight_T, bias, out):
+    """out[d] = softplus(bias[d] + sum_r low_t[r] weight_T[r, d]): dt_proj of x_proj's low-rank step
+    sizes low_t (r,), weight_T (r, d), then softplus."""
+    out[:] = bias
+    for r in range(weight_T.shape[0]):
+        low, weight = low_t[r], weight_T[r]
+        for d in range(out.shape[0]):
+            out[d] += low * weight[d]
+    for d in range(out.shape[0]):
+        out[d] = softplus(out[d])
+
+
+@njit(**JIT_OPTIONS)
+def _decay_rates_log2(A_log):
+    """A log2 e = -exp(A_log) log2 e, transposed: (d, n) -> (n, d), as the scan's kernel takes it."""
+    rates = np.empty_like(A_log)
+    flat_in, flat_out = A_log.reshape(-1), rates.reshape(-1)
+    log2e = A_log.dtype.type(LOG2E)
+    for i in range(flat_in.shape[0]):
+        flat_out[i] = -exp32(flat_in[i]) * log2e
+    return np.ascontiguousarray(rates.T)
+
+
+@njit(**JIT_OPTIONS)
+def _scan_projected(x, projected, dt_weight, dt_bias, A_log, D, z, positions, out, b0, b1):
+    """Rows b0:b1 from the convolution's output x (batch, length, d) and x_proj's output ``projected``
+    (batch, length, r + 2n), [low-rank step sizes, B, C]: dt = softplus(dt_proj(low) + dt_bias),
+    the selective scan from a zero state with A = -exp(A_log) (d, n) and the skip term D (d,), gated by
+    silu(z). dt_weight (d, r). z, out: (batch, length, d), or (batch, 1, d) at ``positions``
+    (batch,), where each row's scan stops (size 0: every position)."""
+    length, d_inner = x.shape[1], x.shape[2]
+    rank, n_state = dt_weight.shape[1], A_log.shape[1]
+    weight_T = np.ascontiguousarray(dt_weight.T)             # (r, d)
+    A_log2 = _decay_rates_log2(A_log)                        # (n, d)
+    h = np.empty((n_state, d_inner), x.dtype)
+    dt = np.empty(d_inner, x.dtype)
+    drive = np.empty(d_inner, x.dtype)
+    y = np.empty(d_inner, x.dtype)
+    for b in range(b0, b1):
+        h[:] = 0
+        stop = positions[b] + 1 if positions.shape[0] else length
+        for t in range(stop):
+            p_t = projected[b, t]
+            _projected_rates(p_t[:rank], weight_T, dt_bias, dt)
+            _start_position(x[b, t], dt, D, drive, y)
+            _update_states(h, A_log2, dt, drive, p_t[rank:rank + n_state], p_t[rank + n_state:], y)
+            if not positions.shape[0]:
+                _gate(y, z[b, t], out[b, t])
+        if positions.shape[0]:
+            _gate(y, z[b, 0], out[b, 0])
+
+
+def selective_mixer_fused(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
+                          positions=None):
+    """See :func:`recbole_ssm.ops.selective_mixer.selective_mixer_no_grad`."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    batch, d_inner, length = x.shape
+    width = conv_weight.shape[-1]
+
+    def array(tensor):
+        return as_array(tensor, dtype).numpy()
+
+    x_np = array(x.transpose(1, 2))                                              # (b, l, d)
+    taps = array(conv_weight.reshape(d_inner, width).t())
+    conv_bias = np.zeros(d_inner, x_np.dtype) if conv_bias is None else array(conv_bias)
+    convolved = empty(x_np.shape, dtype)
+    convolved_np = convolved.numpy()
+    rows = split(batch, threads())
+    run_parts(lambda b0, b1: convolve_rows(x_np, taps, conv_bias, padding(width, True)[0], True, convolved_np,
+                                           b0, b1), rows)
+    projected = F.linear(convolved, x_proj_weight.detach().to(dtype)).numpy()              # (b, l, r + 2n)
+    z_np = array(z.transpose(1, 2) if positions is None else z.unsqueeze(1))      # (b, l or 1, d)
+    inputs = (convolved_np, projected, array(dt_proj_weight), array(dt_proj_bias), array(A_log), array(D), z_np,
+              np.empty(0, np.int64) if positions is None else positions.contiguous().numpy())
+    out = empty(z_np.shape, dtype)
+    out_np = out.numpy()
+    run_parts(lambda b0, b1: _scan_projected(*inputs, out_np, b0, b1), rows)
+    return (out if positions is None else out[:, 0]).to(x.dtype)
