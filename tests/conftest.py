@@ -76,6 +76,22 @@ def working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture
+def record_calls(monkeypatch):
+    """``record_calls(module, name)``: from then on, ``module.name`` still runs and the list returned
+    gets each call's positional arguments."""
+    def install(module, name):
+        calls, original = [], getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            calls.append(args)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+        return calls
+    return install
+
+
 @pytest.fixture(scope="session")
 def tiny_settings(tmp_path_factory):
     """TINY plus a checkpoint directory of this session's own."""

@@ -15,17 +15,9 @@ LENGTHS = torch.tensor([11, 5, 1, 8])
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """How many times the block called the compiled path."""
-    calls = []
-    original = fused.selective_mixer_fused
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fused, "selective_mixer_fused", counted)
-    return calls
+def fused_calls(record_calls):
+    """The calls of the compiled path (one entry per call)."""
+    return record_calls(fused, "selective_mixer_fused")
 
 
 def block_in(dtype, backend="auto", **settings):

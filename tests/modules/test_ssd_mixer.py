@@ -17,17 +17,9 @@ LENGTHS = torch.tensor([11, 5, 1])
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """How many times the blocks called the one-call path."""
-    calls = []
-    original = fused.ssd_mixer_fused
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fused, "ssd_mixer_fused", counted)
-    return calls
+def fused_calls(record_calls):
+    """The calls of the compiled path (one entry per call)."""
+    return record_calls(fused, "ssd_mixer_fused")
 
 
 def block_in(name, backend, dtype):

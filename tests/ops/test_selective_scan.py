@@ -96,11 +96,10 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(scan, tensors)
 
 
-def test_dispatch_on_cpu(monkeypatch):
+def test_dispatch_on_cpu(record_calls):
     inputs = random_inputs(length=11)
     expected = recurrence(**inputs, delta_softplus=True)
-    calls = []
-    monkeypatch.setattr(fused_recurrent, "_forward", _counting(fused_recurrent._forward, calls))
+    calls = record_calls(fused_recurrent, "_forward")
     for backend, compiled in (("auto", True), ("numba", True), ("torch", False)):
         calls.clear()
         got = selective_scan(**inputs, delta_softplus=True, backend=backend)
@@ -110,13 +109,6 @@ def test_dispatch_on_cpu(monkeypatch):
         selective_scan(**inputs, backend="cuda")
     with pytest.raises(ValueError, match="auto, torch, numba, cuda"):
         selective_scan(**inputs, backend="triton")
-
-
-def _counting(function, calls):
-    def counted(*args):
-        calls.append(1)
-        return function(*args)
-    return counted
 
 
 @pytest.mark.parametrize("method,slice_elements", [
