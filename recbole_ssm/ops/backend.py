@@ -144,6 +144,7 @@ def use_compiled_without_gradients(backend, x, module):
         return False
     return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
+
 def _available(reason, required, error, warning):
     """True where there is no ``reason`` against a kernel; else, when the backend ``required`` it, an
     error, otherwise ``warning`` once for this reason, and False."""

@@ -9,6 +9,7 @@ import torch
 from recbole_ssm.modules.mamba import MambaBlock
 from recbole_ssm.ops.selective_mixer import fused
 from tests.modules.test_mamba_block import SSM_PARAMETERS, reference_forward
+from tests.no_grad_paths import assert_matches_ops_one_by_one, assert_taken_only_without_gradients
 from tests.ssd_reference import perturbed
 
 LENGTHS = torch.tensor([11, 5, 1, 8])
@@ -54,21 +55,10 @@ def test_equals_the_ops_one_by_one_with_padding_and_positions(dtype, tolerance, 
     leaves out)."""
     block = block_in(dtype, **settings)
     u = torch.randn(len(LENGTHS), 11, 12, dtype=dtype)
-    mask = torch.arange(11) < LENGTHS.unsqueeze(1)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for positions in (None, LENGTHS - 1):
-            with torch.no_grad():
-                fast = block(u, mask, positions=positions)
-            one_by_one = block(u, mask, positions=positions).detach()      # gradients enabled: the ops path
-            block.backend = "torch"
-            with torch.no_grad():
-                reference = block(u, mask, positions=positions)
-            block.backend = "auto"
-            real = mask if positions is None else torch.ones(len(LENGTHS), dtype=torch.bool)
-            torch.testing.assert_close(fast[real], one_by_one[real], rtol=tolerance, atol=tolerance)
-            torch.testing.assert_close(fast[real], reference[real], rtol=tolerance, atol=tolerance)
+        assert_matches_ops_one_by_one(block, u, LENGTHS, tolerance)
     finally:
         torch.set_num_threads(previous)
     assert len(fused_calls) == 2
@@ -93,21 +83,8 @@ def test_a_position_inside_the_row_is_its_output_there(fused_calls):
 def test_not_taken_where_gradients_are_needed_streaming_or_off_the_compiled_backend(fused_calls):
     block = block_in(torch.float32)
     u = torch.randn(2, 6, 12)
-    block(u).sum().backward()                          # parameters need gradients
-    for parameter in block.parameters():
-        parameter.requires_grad_(False)
-    block(u.requires_grad_()).sum().backward()         # the input needs them
-    with torch.no_grad():
-        block(u, return_state=True)                    # streaming
-        block(u, state=block.empty_state(2))
-        block.backend = "torch"
-        block(u)
-    assert fused_calls == []
-    block.backend = "auto"
-    with torch.no_grad():
-        block(u)
-    block(u.detach())                                  # frozen parameters, input without gradient
-    assert len(fused_calls) == 2
+    assert_taken_only_without_gradients(block, u, fused_calls, other_calls=(
+        lambda: block(u, return_state=True), lambda: block(u, state=block.empty_state(2))))
 
 
 def test_bfloat16_block_computes_in_float32_and_returns_its_dtype(fused_calls):

@@ -9,6 +9,7 @@ from recbole_ssm.modules.hydra import HydraBlock
 from recbole_ssm.modules.mamba2 import Mamba2Block
 from recbole_ssm.ops.ssd_mixer import fused
 from tests.modules import test_hydra_block, test_mamba2_block
+from tests.no_grad_paths import assert_matches_ops_one_by_one, assert_taken_only_without_gradients
 from tests.ssd_reference import perturbed
 
 REFERENCES = {"mamba2": test_mamba2_block, "hydra": test_hydra_block}
@@ -50,34 +51,10 @@ def test_equals_the_ops_one_by_one_with_padding_and_positions(name, dtype, toler
     torch backend, right-padded rows, at all positions and at each row's last real item."""
     block = block_in(name, "auto", dtype)
     u = torch.randn(len(LENGTHS), 11, REFERENCES[name].D_MODEL, dtype=dtype)
-    mask = torch.arange(11) < LENGTHS.unsqueeze(1)
-    for positions in (None, LENGTHS - 1):
-        with torch.no_grad():
-            fast = block(u, mask, positions=positions)
-        one_by_one = block(u, mask, positions=positions).detach()      # gradients enabled: the ops path
-        block.backend = "torch"
-        with torch.no_grad():
-            reference = block(u, mask, positions=positions)
-        block.backend = "auto"
-        real = mask if positions is None else torch.ones(len(LENGTHS), dtype=torch.bool)
-        torch.testing.assert_close(fast[real], one_by_one[real], rtol=tolerance, atol=tolerance)
-        torch.testing.assert_close(fast[real], reference[real], rtol=tolerance, atol=tolerance)
+    assert_matches_ops_one_by_one(block, u, LENGTHS, tolerance)
     assert len(fused_calls) == 2
 
 
 def test_not_taken_where_gradients_are_needed_or_off_the_compiled_backend(fused_calls):
     block = block_in("hydra", "auto", torch.float32)
-    u = torch.randn(2, 6, REFERENCES["hydra"].D_MODEL)
-    block(u).sum().backward()                          # parameters need gradients
-    for parameter in block.parameters():
-        parameter.requires_grad_(False)
-    block(u.requires_grad_()).sum().backward()         # the input needs them
-    block.backend = "torch"
-    with torch.no_grad():
-        block(u)
-    assert fused_calls == []
-    block.backend = "auto"
-    with torch.no_grad():
-        block(u)
-    block(u.detach())                                  # frozen parameters, input without gradient
-    assert len(fused_calls) == 2
+    assert_taken_only_without_gradients(block, torch.randn(2, 6, REFERENCES["hydra"].D_MODEL), fused_calls)
