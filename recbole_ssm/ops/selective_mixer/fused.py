@@ -1,5 +1,6 @@
-"""The compiled functions of :mod:`recbole_ssm.ops.selective_mixer` and their wrapper: the convolution's
-kernel, x_proj in PyTorch, then one kernel for dt_proj, softplus and the gated selective scan."""
+"""The compiled functions of :mod:`recbole_ssm.ops.selective_mixer` and their wrapper: the convolution
+(:mod:`recbole_ssm.ops.conv`'s kernel, called as that op calls it), x_proj in PyTorch, then one kernel
+for dt_proj, softplus and the gated selective scan."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,7 @@ from numba import njit
 
 from recbole_ssm.ops.compiled import (JIT_OPTIONS, LOG2E, as_array, empty, exp32, run_parts, softplus, split,
                                       threads)
-from recbole_ssm.ops.conv.fused import _forward as convolve_rows
+from recbole_ssm.ops.conv.fused import _convolve as convolve
 from recbole_ssm.ops.conv.shifted import padding
 from recbole_ssm.ops.selective_scan.fused_recurrent import _gate, _start_position, _update_states
 
@@ -69,25 +70,16 @@ def selective_mixer_fused(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_w
                           positions=None):
     """See :func:`recbole_ssm.ops.selective_mixer.selective_mixer_no_grad`."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    batch, d_inner, length = x.shape
-    width = conv_weight.shape[-1]
 
     def array(tensor):
         return as_array(tensor, dtype).numpy()
 
-    x_np = array(x.transpose(1, 2))                                              # (b, l, d)
-    taps = array(conv_weight.reshape(d_inner, width).t())
-    conv_bias = np.zeros(d_inner, x_np.dtype) if conv_bias is None else array(conv_bias)
-    convolved = empty(x_np.shape, dtype)
-    convolved_np = convolved.numpy()
-    rows = split(batch, threads())
-    run_parts(lambda b0, b1: convolve_rows(x_np, taps, conv_bias, padding(width, True)[0], True, convolved_np,
-                                           b0, b1), rows)
+    convolved, _ = convolve(x, conv_weight, conv_bias, padding(conv_weight.shape[-1], True)[0], True)  # (b, l, d)
     projected = F.linear(convolved, x_proj_weight.detach().to(dtype)).numpy()              # (b, l, r + 2n)
     z_np = array(z.transpose(1, 2) if positions is None else z.unsqueeze(1))      # (b, l or 1, d)
-    inputs = (convolved_np, projected, array(dt_proj_weight), array(dt_proj_bias), array(A_log), array(D), z_np,
+    inputs = (convolved.numpy(), projected, array(dt_proj_weight), array(dt_proj_bias), array(A_log), array(D), z_np,
               np.empty(0, np.int64) if positions is None else positions.contiguous().numpy())
     out = empty(z_np.shape, dtype)
     out_np = out.numpy()
-    run_parts(lambda b0, b1: _scan_projected(*inputs, out_np, b0, b1), rows)
+    run_parts(lambda b0, b1: _scan_projected(*inputs, out_np, b0, b1), split(x.shape[0], threads()))
     return (out if positions is None else out[:, 0]).to(x.dtype)
