@@ -76,15 +76,13 @@ def test_gradcheck(group_size, norm_before_gate, gated, backend):
     assert torch.autograd.gradcheck(normalise, (x, weight, z) if gated else (x, weight))
 
 
-def test_auto_takes_the_compiled_kernel_for_large_inputs_only(monkeypatch):
+def test_auto_takes_the_compiled_kernel_for_large_inputs_only(record_calls):
     """``auto`` on the CPU: PyTorch below COMPILED_MIN_ELEMENTS (faster there), the compiled kernel
     from it on; ``numba`` always takes the kernel."""
     from recbole_ssm.ops import gated_rmsnorm as op
     from recbole_ssm.ops.gated_rmsnorm import fused
 
-    calls = []
-    kernel = fused.gated_rmsnorm_fused
-    monkeypatch.setattr(fused, "gated_rmsnorm_fused", lambda *args: calls.append(args[0].numel()) or kernel(*args))
+    calls = record_calls(fused, "gated_rmsnorm_fused")
     d = 64
     small = torch.randn(op.COMPILED_MIN_ELEMENTS // d - 1, d)
     large = torch.randn(op.COMPILED_MIN_ELEMENTS // d, d)
@@ -92,4 +90,4 @@ def test_auto_takes_the_compiled_kernel_for_large_inputs_only(monkeypatch):
     for x, backend in ((small, "auto"), (large, "auto"), (small, "numba")):
         got = op.gated_rmsnorm(x, weight, z=x.flip(-1), backend=backend)
         torch.testing.assert_close(got, op.gated_rmsnorm_torch(x, weight, x.flip(-1)), rtol=1e-5, atol=1e-5)
-    assert calls == [large.numel(), small.numel()]
+    assert [args[0].numel() for args in calls] == [large.numel(), small.numel()]

@@ -162,10 +162,8 @@ def test_chunked_backward_equals_one_chunk(monkeypatch):
         torch.testing.assert_close(chunked[name], one_chunk[name], rtol=0, atol=1e-12, msg=name)
 
 
-def test_auto_uses_the_compiled_scan_on_cpu(monkeypatch):
-    calls = []
-    forward = fused_recurrent._forward
-    monkeypatch.setattr(fused_recurrent, "_forward", lambda *args: calls.append(1) or forward(*args))
+def test_auto_uses_the_compiled_scan_on_cpu(record_calls):
+    calls = record_calls(fused_recurrent, "_forward")
     inputs = make_inputs()
     x, dt, A, B, C, D = (inputs[k] for k in ("x", "dt", "A", "B", "C", "D"))
     auto = ssd_scan(x, dt, A, B, C, 4, D=D)
