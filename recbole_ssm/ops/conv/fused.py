@@ -15,17 +15,24 @@ from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, run_parts, si
 from recbole_ssm.ops.conv.shifted import padding
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
+def _taps_inside(t, before, width, length):
+    """The taps k of output position t whose input position t - before + k lies in [0, length), as a
+    range's bounds: the kernels' loops then need no test per tap (which made the forward pass 2.5x
+    slower at one user, L = 200, 128 channels)."""
+    return max(0, before - t), min(width, length + before - t)
+
+
+@njit(inline="always", **JIT_OPTIONS)
 def _preactivation(x_b, taps, bias, before, t, out):
     """out[c] = bias[c] + sum_k taps[k, c] x_b[t - before + k, c], zero outside the sequence."""
-    length = x_b.shape[0]
-    out[:] = bias
-    for k in range(taps.shape[0]):
-        s = t - before + k
-        if 0 <= s < length:
-            x_s, tap = x_b[s], taps[k]
-            for c in range(out.shape[0]):
-                out[c] += tap[c] * x_s[c]
+    for c in range(out.shape[0]):
+        out[c] = bias[c]
+    k0, k1 = _taps_inside(t, before, taps.shape[0], x_b.shape[0])
+    for k in range(k0, k1):
+        x_s, tap = x_b[t - before + k], taps[k]
+        for c in range(out.shape[0]):
+            out[c] += tap[c] * x_s[c]
 
 
 @njit(**JIT_OPTIONS)
@@ -58,21 +65,19 @@ def _backward(x, taps, bias, before, use_silu, grad_out, grad_x, grad_taps, grad
                 gp_t[:] = g_t
             for c in range(channels):
                 grad_bias[c] += gp_t[c]
-            for k in range(width):
-                s = t - before + k
-                if 0 <= s < length:
-                    x_s, gtap = x[b, s], grad_taps[k]
-                    for c in range(channels):
-                        gtap[c] += gp_t[c] * x_s[c]
+            k0, k1 = _taps_inside(t, before, width, length)
+            for k in range(k0, k1):
+                x_s, gtap = x[b, t - before + k], grad_taps[k]
+                for c in range(channels):
+                    gtap[c] += gp_t[c] * x_s[c]
         for s in range(length):                        # grad_x[s] = sum_k taps[k] grad_pre[s + before - k]
             gx_s = grad_x[b, s]
             gx_s[:] = 0
-            for k in range(width):
-                t = s + before - k
-                if 0 <= t < length:
-                    gp_t, tap = grad_pre[t], taps[k]
-                    for c in range(channels):
-                        gx_s[c] += tap[c] * gp_t[c]
+            # the taps k whose output position s + before - k lies in [0, length)
+            for k in range(max(0, s + before - length + 1), min(width, s + before + 1)):
+                gp_t, tap = grad_pre[s + before - k], taps[k]
+                for c in range(channels):
+                    gx_s[c] += tap[c] * gp_t[c]
 
 
 def _convolve(x, weight, bias, before, use_silu):
