@@ -80,6 +80,10 @@ def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, r
     decays = np.empty(width, x.dtype)                 # exp(dt A) of each channel's head
     drive = np.empty(width, x.dtype)                  # dt x
     readout = np.empty(width, x.dtype)                # C_t . S_t
+    head_decays = np.empty(h1 - h0, x.dtype)          # exp(dt A) of each head
+    head_of = np.empty(width, np.int64)               # each channel's head, from h0
+    for c in range(width):
+        head_of[c] = c // headdim
     for b in range(b0, b1):
         steps, last = _scan_steps(length, reverse, shift, at, b)
         for h in range(h0, h1):
@@ -93,11 +97,14 @@ def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, r
             out = t + step if shift else t
             write = 0 <= out < length and (not masked or mask[b, out]) and (not one_position or t == last)
             x_t = x[b, t].reshape(heads * headdim)[c_first:c_stop]
-            for h in range(h0, h1):
-                a, dt_h = exp32(dt[b, t, h] * A[h]), dt[b, t, h]
-                for c in range((h - h0) * headdim, (h - h0 + 1) * headdim):
-                    decays[c] = a
-                    drive[c] = dt_h * x_t[c]
+            dt_t = dt[b, t, h0:h1]
+            for h in range(h1 - h0):
+                head_decays[h] = exp32(dt_t[h] * A[h0 + h])
+            # One loop over the channels: a loop per head, over its headdim channels, made the scan
+            # 1.1x as slow (one user, L = 200, 8 heads of 16 channels).
+            for c in range(width):
+                decays[c] = head_decays[head_of[c]]
+                drive[c] = dt_t[head_of[c]] * x_t[c]
             for g in range(groups):
                 c0 = (max(g * per_group, h0) - h0) * headdim
                 c1 = (min((g + 1) * per_group, h1) - h0) * headdim
@@ -118,7 +125,7 @@ def _forward(x, dt, A, B, C, D, skip, mask, initial, final, y, b0, b1, h0, h1, r
                         final[b, h, p, n] = s[n, (h - h0) * headdim + p]
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
 def _update_group(s, decays, drive, B_t, C_t, readout, read, c0, c1):
     """One position of a group's channels c0:c1: s[n] = decays s[n] + drive B_t[n] for each state n
     (s: (n, channels)), and with ``read`` readout = sum_n C_t[n] s[n]. The loops run from 0 over 1-d
@@ -154,7 +161,7 @@ def _update_group(s, decays, drive, B_t, C_t, readout, read, c0, c1):
             readout[c] += s_n[c] * C_n
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
 def _add_skip(D, x, b, t, h0, h1, y_t):
     """y_t[h] += D x[b, t, h] for heads h0:h1 (y_t: (heads, p)), D the skip term as :func:`_forward` takes it."""
     D_t, x_t = D[min(b, D.shape[0] - 1), min(t, D.shape[1] - 1)], x[b, t]
