@@ -11,7 +11,7 @@ from recbole_ssm.ops.autograd import needs_grad
 from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, run_parts, sigmoid, silu_slope, split, threads
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
 def _gate(z_r, gate, slope):
     """gate = silu(z_r) and, if ``slope`` has a size, slope = silu'(z_r)."""
     if slope.shape[0]:
@@ -24,7 +24,7 @@ def _gate(z_r, gate, slope):
             gate[c] = z_r[c] * sigmoid(z_r[c])
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
 def _normalised_input(x_r, gate, gate_first, v):
     """v = x_r * gate if ``gate_first`` else x_r."""
     if gate_first:

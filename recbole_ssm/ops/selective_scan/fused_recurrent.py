@@ -22,7 +22,7 @@ from recbole_ssm.ops.compiled import (JIT_OPTIONS, LOG2E, as_array, empty, pow2,
 BACKWARD_CHUNK = 256
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
 def _step_rates(delta_t, bias, use_softplus, out):
     """out[d] = softplus(delta_t[d] + bias[d]), or without softplus."""
     for d in range(out.shape[0]):
@@ -30,7 +30,7 @@ def _step_rates(delta_t, bias, use_softplus, out):
         out[d] = softplus(raw) if use_softplus else raw
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
 def _start_position(u_t, dt, D, drive, y):
     """drive[d] = dt[d] u_t[d], and y[d] = D[d] u_t[d], the skip term the read-out adds to."""
     for d in range(u_t.shape[0]):
@@ -65,7 +65,7 @@ def _update_states(h, A_log2, dt, drive, B_t, C_t, y):
             y[d] += h_n[d] * C_tn
 
 
-@njit(**JIT_OPTIONS)
+@njit(inline="always", **JIT_OPTIONS)
 def _gate(y, z_t, out_t):
     """out_t = y silu(z_t), or y where z_t has size 0 (no gate)."""
     if z_t.shape[0]:
