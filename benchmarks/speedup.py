@@ -6,7 +6,7 @@ times (SASRec's training step at 256x200 took a third less time after the 2048x5
 the same process, the SSM models' a tenth less), and a training run meets one shape from its start.
 
     python -m benchmarks.speedup                                   # the targets' shapes, 1 and 2 threads
-    python -m benchmarks.speedup --shapes train:2048x50 infer:8x200 --threads 1 --rounds 5
+    python -m benchmarks.speedup --shapes train:2048x50 infer:8x200 --threads 1 --rounds 5 --min-seconds 0
 
 A shape is ``train:BxL`` (a training step: forward, backward and Adam step on a batch of B users with
 histories of L items) or ``infer:BxL`` (``full_sort_predict`` of B users). Each call is timed twice:
@@ -51,7 +51,14 @@ def parse_args(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                         help="torch threads, each a run of every shape (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="timed calls per model and shape, alternating models (default: %(default)s)")
+                        help="at least this many timed calls per model and shape, alternating models "
+                             "(default: %(default)s)")
+    parser.add_argument("--min-seconds", type=float, default=2.0,
+                        help="after --rounds, more rounds until the shape's timed calls (all models) "
+                             "add up to this many seconds of wall-clock, so that small calls get "
+                             "hundreds of samples (default: %(default)s; 0: exactly --rounds)")
+    parser.add_argument("--max-rounds", type=int, default=500,
+                        help="at most this many rounds per shape (default: %(default)s)")
     parser.add_argument("--hidden-size", type=int, default=common.DEFAULT_HIDDEN_SIZE)
     parser.add_argument("--layers", type=int, default=common.DEFAULT_LAYERS)
     parser.add_argument("--output-dir", type=Path, default=common.DEFAULT_OUTPUT_DIR,
@@ -61,6 +68,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.rounds < 1 or min(args.threads) < 1:
         parser.error("rounds and threads must be >= 1")
+    if args.min_seconds < 0 or args.max_rounds < args.rounds:
+        parser.error(f"--min-seconds must be >= 0 and --max-rounds >= --rounds ({args.rounds}); got "
+                     f"{args.min_seconds} and {args.max_rounds}")
     return args
 
 
@@ -79,7 +89,10 @@ def build_call(model_name, kind, batch_size, length, args, overrides, data_root)
 
 
 def measure_shape(kind, batch_size, length, threads, args, overrides, data_root):
-    """Per model: first-call seconds, then ``rounds`` alternating timed calls (wall and CPU seconds)."""
+    """Per model: first-call seconds, then alternating timed calls (wall and CPU seconds): ``rounds``
+    rounds, then more until the timed calls add up to ``min_seconds`` or ``max_rounds`` is reached
+    (five rounds of a one-user call at L = 200, about 1.5 ms each, gave ratios 15% apart between two
+    runs minutes apart)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -91,12 +104,16 @@ def measure_shape(kind, batch_size, length, threads, args, overrides, data_root)
         first_call[model_name] = time.perf_counter() - start
     wall = {m: [] for m in args.models}
     cpu = {m: [] for m in args.models}
-    for _ in range(args.rounds):
+    timed = 0.0
+    for done in range(args.max_rounds):
+        if done >= args.rounds and timed >= args.min_seconds:
+            break
         for model_name, call in calls.items():
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             call()
             cpu[model_name].append(time.process_time() - start_cpu)
             wall[model_name].append(time.perf_counter() - start_wall)
+            timed += wall[model_name][-1]
     return {m: {"wall_ms": common.summarize_ms(wall[m]), "cpu_ms": common.summarize_ms(cpu[m]),
                 "first_call_ms": first_call[m] * 1e3} for m in args.models}
 
@@ -117,15 +134,17 @@ def render_markdown(report):
     reference, others = s["models"][0], s["models"][1:]
     lines = ["# Speed-ups over " + reference + ", side by side", "",
              f"Machine: {common.machine_line(report['machine'])}.", "",
-             f"Hidden size {s['hidden_size']}, {s['layers']} layers; {s['rounds']} alternating timed calls per "
-             f"model and shape, medians; overrides {s['overrides'] or 'none'}. Speed-up = {reference}'s "
-             "median time / the model's (> 1: faster), from CPU time and from wall-clock time.", ""]
-    headers = ["threads", "shape", f"{reference} CPU ms", f"{reference} wall ms"]
+             f"Hidden size {s['hidden_size']}, {s['layers']} layers; alternating timed calls per model and "
+             f"shape, at least {s['rounds']} rounds and more until they add up to {s['min_seconds']:g} s "
+             f"(at most {s['max_rounds']} rounds; the rounds column), medians; overrides "
+             f"{s['overrides'] or 'none'}. Speed-up = {reference}'s median time / the model's (> 1: faster), "
+             "from CPU time and from wall-clock time.", ""]
+    headers = ["threads", "shape", "rounds", f"{reference} CPU ms", f"{reference} wall ms"]
     headers += [f"{m} (CPU / wall)" for m in others]
     rows = []
     for run in report["runs"]:
         ref = run["models"][reference]
-        row = [run["threads"], f"{run['kind']} {run['batch_size']}x{run['length']}",
+        row = [run["threads"], f"{run['kind']} {run['batch_size']}x{run['length']}", ref["wall_ms"]["n"],
                f"{ref['cpu_ms']['median']:.1f}", f"{ref['wall_ms']['median']:.1f}"]
         for m in others:
             ours = run["models"][m]
@@ -147,6 +166,7 @@ def main(argv=None):
     overrides = common.parse_overrides(args.overrides)
     report = {"benchmark": "speedup",
               "settings": {"models": args.models, "threads": args.threads, "rounds": args.rounds,
+                           "min_seconds": args.min_seconds, "max_rounds": args.max_rounds,
                            "hidden_size": args.hidden_size, "layers": args.layers, "overrides": overrides,
                            "shapes": [f"{k}:{b}x{l}" for k, b, l in args.shapes]},
               "machine": common.machine_info("cpu"), "runs": []}

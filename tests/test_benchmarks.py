@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["SASRec", "Mamba4Rec"]
 TINY = ["--models", *MODELS, "--hidden-size", "8", "--layers", "1", "--set", "d_state=4"]
@@ -73,7 +75,8 @@ def test_speedup_smoke(tmp_path):
     # built as the efficiency benchmark builds them (the transform first).
     models = [*MODELS, "BERT4Rec"]
     run_benchmark("speedup", *TINY, "--models", *models, "--shapes", "train:3x8", "infer:2x8",
-                  "--threads", "1", "2", "--rounds", "2", "--output-dir", str(tmp_path), OMP_WAIT_POLICY="PASSIVE")
+                  "--threads", "1", "2", "--rounds", "2", "--min-seconds", "0", "--output-dir", str(tmp_path),
+                  OMP_WAIT_POLICY="PASSIVE")
     report = json.loads((tmp_path / "speedup.json").read_text())
     assert report["machine"]["openmp_environment"]["OMP_WAIT_POLICY"] == "PASSIVE"   # recorded, and shown:
     assert "OMP_WAIT_POLICY=PASSIVE" in (tmp_path / "speedup.md").read_text().splitlines()[2]
@@ -87,6 +90,29 @@ def test_speedup_smoke(tmp_path):
             assert 0 < timing["wall_ms"]["min"] <= timing["wall_ms"]["max"] and timing["first_call_ms"] > 0
     markdown = (tmp_path / "speedup.md").read_text()
     assert len(table_rows(markdown, "1")) == 4 and len(table_rows(markdown, "2")) == 4  # speed-ups, first calls
+
+
+def test_speedup_adds_rounds_until_min_seconds(tmp_path):
+    """Small calls get more rounds than --rounds, up to --max-rounds, until the timed calls add up to
+    --min-seconds; every model gets the same number, shown in the table."""
+    run_benchmark("speedup", *TINY, "--shapes", "infer:2x8", "--threads", "1", "--rounds", "2",
+                  "--min-seconds", "0.05", "--max-rounds", "400", "--output-dir", str(tmp_path))
+    run = json.loads((tmp_path / "speedup.json").read_text())["runs"][0]
+    timings = [run["models"][m]["wall_ms"] for m in MODELS]
+    rounds = timings[0]["n"]
+    assert all(t["n"] == rounds for t in timings) and 2 < rounds <= 400
+    timed_seconds = sum(t["mean"] * t["n"] for t in timings) / 1e3
+    assert rounds == 400 or 0.05 <= timed_seconds < 0.05 + sum(t["max"] for t in timings) / 1e3
+    assert table_rows((tmp_path / "speedup.md").read_text(), "1")[0].split(" | ")[2] == str(rounds)
+
+
+def test_speedup_rejects_fewer_max_rounds_than_rounds(capsys):
+    from benchmarks import speedup
+
+    with pytest.raises(SystemExit) as exit_info:
+        speedup.parse_args(["--rounds", "5", "--max-rounds", "3"])
+    assert exit_info.value.code == 2
+    assert "--max-rounds >= --rounds (5)" in capsys.readouterr().err
 
 
 def test_kernels_smoke(tmp_path):
