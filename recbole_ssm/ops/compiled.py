@@ -18,15 +18,18 @@ of 8e-8). :func:`exp32` therefore reduces with two fused multiply-adds, which re
 touch; ``tests/ops/test_compiled.py`` bounds its error inside a kernel compiled with :data:`FASTMATH`.
 float64 kernels call ``math.exp`` and ``math.log1p``: they are the reference, not the fast path.
 """
+import ctypes
 import math
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, cfunc, literal_unroll, njit, types
 from numba.extending import intrinsic, overload
 
 # reassoc lets LLVM vectorise sums; contract fuses multiply-adds. Neither changes a result by more
@@ -256,3 +259,228 @@ def run_parts(work, ranges):
 def threads():
     """The number of threads the kernels may use: torch's intra-op setting."""
     return torch.get_num_threads()
+
+
+# Threads for fewer rows than threads: torch's own OpenMP team. One user's sequence is one row, so
+# the thread pool above, which gives each thread whole rows, leaves all but one thread idle (and
+# torch's idle OpenMP worker spins, slowing the kernel that runs). A kernel that can also split a
+# row's work (heads, channels, positions) runs instead as a Numba C callback (``cfunc``) on the
+# team that runs torch's parallel operators, through GNU OpenMP's entry point ``GOMP_parallel``:
+# its threads are already awake after torch's last operator, so a call costs about 2 us, where a
+# hand-over to a Python thread cost 50-100 us (more than the split saved). The callback reads its
+# arguments from one int64 array (packed by :func:`_launch_team`, compiled code too), calls
+# ``omp_get_thread_num`` and ``GOMP_barrier`` through their addresses (passed in that array: an
+# address compiled in would be stale in the next process, which loads the cached code), and runs
+# ``kernel(*arguments, part, parts, barrier)``: the kernel shares its work out by ``part`` of
+# ``parts`` and passes ``barrier`` to :func:`wait` between its phases. The split changes results by
+# float rounding at most (a channel's arithmetic is the same, but whether it falls in a vector
+# loop's body or its remainder may change which multiply-adds are fused). A forked process, where the parent's OpenMP threads
+# do not exist (GNU OpenMP then waits for them forever, as torch's own operators do), uses the
+# thread pool.
+_forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _OpenMPTeam:
+    """torch's GNU OpenMP runtime, loaded by ctypes from the file torch loaded."""
+
+    def __init__(self, path):
+        library = ctypes.CDLL(path)
+        self.parallel = ctypes.cast(library.GOMP_parallel, ctypes.c_void_p).value
+        self.thread_num = ctypes.cast(library.omp_get_thread_num, ctypes.c_void_p).value
+        self.barrier = ctypes.cast(library.GOMP_barrier, ctypes.c_void_p).value
+
+
+@lru_cache(maxsize=None)
+def _torch_openmp_team():
+    """The team of torch's OpenMP runtime, or None where torch's operators do not run on GNU OpenMP
+    (macOS, Windows, a torch built with another parallel backend)."""
+    if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    with open("/proc/self/maps") as maps:
+        loaded = {line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libgomp")}
+    torch_folder = os.path.dirname(torch.__file__)
+    ours = sorted(path for path in loaded if path.startswith(torch_folder)) or sorted(loaded)
+    return _OpenMPTeam(ours[0]) if ours else None
+
+
+def openmp_team():
+    """The OpenMP team the kernels can share their work with, or None (see above)."""
+    return None if _forked else _torch_openmp_team()
+
+
+# A team's arguments, packed by :func:`_launch_team` into one int64 array: a header, then a slot per
+# argument: an array's address and its dimensions (padded with ones), or a scalar's value (a
+# float's bits).
+TEAM_HEADER = 3                   # omp_get_thread_num's address, GOMP_barrier's address, parts
+TEAM_MAX_DIMS = 5
+TEAM_SLOT = 1 + TEAM_MAX_DIMS
+
+
+def _pack_argument(value, packed, slot):
+    """Write ``value`` into ``packed``'s slot starting at ``slot`` (typed by Numba only)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_pack_argument, inline="always")
+def _pack_argument_typed(value, packed, slot):
+    if isinstance(value, types.Array):
+        if value.layout != "C" or value.ndim > TEAM_MAX_DIMS:
+            raise TypeError(f"a team argument must be a C-contiguous array of at most {TEAM_MAX_DIMS} "
+                            f"dimensions, got {value}")
+        ndim = value.ndim
+
+        def pack_array(value, packed, slot):
+            packed[slot] = value.ctypes.data
+            for d in range(ndim):
+                packed[slot + 1 + d] = value.shape[d]
+        return pack_array
+    if isinstance(value, types.Float):
+        return lambda value, packed, slot: _store(packed, slot, _bits_of_float64(value))
+    return lambda value, packed, slot: _store(packed, slot, value)
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def _store(packed, slot, value):
+    packed[slot] = value
+
+
+@njit(**JIT_OPTIONS)
+def _launch_team(parallel, callback, thread_num, barrier, parts, arguments):
+    """``GOMP_parallel`` (at address ``parallel``) of the team callback at address ``callback`` on
+    ``parts`` threads, with ``arguments`` (a tuple) packed as the callback reads them."""
+    packed = np.ones(TEAM_HEADER + TEAM_SLOT * len(arguments), np.int64)
+    packed[0], packed[1], packed[2] = thread_num, barrier, parts
+    slot = TEAM_HEADER
+    for value in literal_unroll(arguments):
+        _pack_argument(value, packed, slot)
+        slot += TEAM_SLOT
+    _call_parallel(parallel, callback, packed.ctypes.data, parts)
+
+
+@intrinsic
+def _pointer(typingctx, address, dtype):
+    """The int64 ``address`` as a pointer to ``dtype``'s values (a NumPy scalar type)."""
+    target = types.CPointer(dtype.instance_type)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(target))
+    return target(address, dtype), codegen
+
+
+@intrinsic
+def _call_by_address(typingctx, address):
+    """Call the C function ``int f(void)`` at ``address``; its result as an int64."""
+    def codegen(context, builder, signature, args):
+        function = builder.inttoptr(args[0], ir.FunctionType(ir.IntType(32), []).as_pointer())
+        return builder.sext(builder.call(function, []), ir.IntType(64))
+    return types.int64(address), codegen
+
+
+@intrinsic
+def _call_parallel(typingctx, address, callback, data, parts):
+    """Call ``void GOMP_parallel(void (*callback)(void *), void *data, unsigned parts, unsigned flags)``
+    at ``address`` (flags 0), the pointers given as int64 addresses."""
+    def codegen(context, builder, signature, args):
+        pointer = ir.IntType(8).as_pointer()
+        unsigned = ir.IntType(32)
+        function_type = ir.FunctionType(ir.VoidType(), [pointer, pointer, unsigned, unsigned])
+        function = builder.inttoptr(args[0], function_type.as_pointer())
+        builder.call(function, [builder.inttoptr(args[1], pointer), builder.inttoptr(args[2], pointer),
+                                builder.trunc(args[3], unsigned), unsigned(0)])
+        return context.get_dummy_value()
+    return types.void(address, callback, data, parts), codegen
+
+
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _bits_of_float64(typingctx, value):
+    def codegen(context, builder, signature, args):
+        double = args[0] if signature.args[0] == types.float64 else builder.fpext(args[0], ir.DoubleType())
+        return builder.bitcast(double, ir.IntType(64))
+    return types.int64(value), codegen
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def team_array(packed, i, dtype):
+    """Argument ``i`` of :func:`team_arguments` as a flat array of ``dtype``; reshape it with
+    :func:`team_shape` (booleans: read as ``np.uint8`` and viewed as ``np.bool_``)."""
+    slot = TEAM_HEADER + TEAM_SLOT * i
+    size = packed[slot + 1] * packed[slot + 2] * packed[slot + 3] * packed[slot + 4] * packed[slot + 5]
+    return carray(_pointer(packed[slot], dtype), (size,))
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def team_shape(packed, i):
+    """Argument ``i``'s dimensions, padded with ones to five: slice the tuple to the array's rank."""
+    slot = TEAM_HEADER + TEAM_SLOT * i
+    return packed[slot + 1], packed[slot + 2], packed[slot + 3], packed[slot + 4], packed[slot + 5]
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def team_scalar(packed, i):
+    return packed[TEAM_HEADER + TEAM_SLOT * i]
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def team_float(packed, i):
+    return _float64_from_bits(packed[TEAM_HEADER + TEAM_SLOT * i])
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def team_member(packed):
+    """(part, parts, barrier) of the thread running a team callback."""
+    return _call_by_address(packed[0]), packed[2], packed[1]
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def wait(barrier):
+    """Wait for the whole team (``barrier`` from :func:`team_member`), or nothing outside a team (0)."""
+    if barrier:
+        _call_by_address(barrier)
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def share(count, part, parts):
+    """Part ``part`` of ``parts`` near-equal contiguous ranges of range(count): (start, stop)."""
+    return count * part // parts, count * (part + 1) // parts
+
+
+@lru_cache(maxsize=None)
+def _team_callback(unpack):
+    """``unpack(data)`` compiled as a C function ``void f(int64 *data)`` (on first use; cached on disk)."""
+    options = {key: value for key, value in JIT_OPTIONS.items() if key != "cache"}
+    return cfunc(types.void(types.CPointer(types.int64)), cache=True, **options)(unpack)
+
+
+def run_team(kernel, unpack, arguments, rows):
+    """``kernel(*arguments, part, parts, barrier)`` for every part, on torch's number of threads.
+
+    With fewer ``rows`` than threads and torch's OpenMP team available, on that team: ``unpack`` is
+    the kernel's team callback, a plain function ``unpack(data)`` (compiled here as a ``cfunc``)
+    that reads the arguments from ``data``, the packed int64 array (:func:`team_array`,
+    :func:`team_shape`, ...), and calls the kernel with :func:`team_member`'s part, parts and barrier.
+    Otherwise, and for float64 (the reference precision, kept off the callbacks so that they compile
+    once), the kernel's parts are whole rows (at most one per row) on the thread pool, with no
+    barrier (0)."""
+    parts = threads()
+    team = openmp_team() if 1 < parts and rows < parts else None
+    if team is not None and all(a.dtype != np.float64 for a in arguments if isinstance(a, np.ndarray)):
+        _launch_team(team.parallel, _team_callback(unpack).address, team.thread_num, team.barrier, parts,
+                     tuple(arguments))
+        return
+    parts = max(1, min(parts, rows))
+    run_parts(lambda part, _: kernel(*arguments, part, parts, 0), [(part, part + 1) for part in range(parts)])

@@ -195,6 +195,31 @@ def test_padding_and_batch_invariance(make_config, ml100k, batch, model, backend
                                            msg=lambda message: f"gradient of {name}: {message}")
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_one_user_on_two_threads_scores_as_in_the_batch(make_config, ml100k, batch, model, record_calls):
+    """float32 inference for one user at a time on two threads (each row's work shared out over
+    torch's OpenMP team): the scores of the same users in the batch on one thread, with and without
+    the padding after their sequences."""
+    from recbole_ssm.ops import compiled
+
+    launches = record_calls(compiled, "_launch_team")
+    net = build(make_config, ml100k, model).eval()
+    item_seq, item_seq_len = batch[net.ITEM_SEQ][:40:8], batch[net.ITEM_SEQ_LEN][:40:8]
+    with torch.no_grad():
+        expected = net.all_item_scores(net.forward(item_seq, item_seq_len))
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            for row in range(len(item_seq)):
+                length = int(item_seq_len[row])
+                for sequence in (item_seq[row:row + 1], item_seq[row:row + 1, :length]):
+                    scores = net.all_item_scores(net.forward(sequence, item_seq_len[row:row + 1]))
+                    torch.testing.assert_close(scores, expected[row:row + 1], rtol=1e-5, atol=1e-5)
+        finally:
+            torch.set_num_threads(previous)
+    assert len(launches) == 2 * len(item_seq) * net.num_layers
+
+
 def test_padding_would_leak_into_hydra_without_the_mask():
     """The invariance above is not vacuous: Hydra's block does see padding when it is not masked."""
     torch.manual_seed(0)

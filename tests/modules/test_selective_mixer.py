@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from recbole_ssm.modules.mamba import MambaBlock
+from recbole_ssm.ops import compiled
 from recbole_ssm.ops.selective_mixer import fused
 from tests.modules.test_mamba_block import SSM_PARAMETERS, reference_forward
 from tests.no_grad_paths import assert_matches_ops_one_by_one, assert_taken_only_without_gradients
@@ -96,3 +97,28 @@ def test_bfloat16_block_computes_in_float32_and_returns_its_dtype(fused_calls):
         reference = block(u)
     assert out.dtype == torch.bfloat16 and len(fused_calls) == 1
     torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("threads,rows", [(2, 1), (3, 1), (3, 2)])
+def test_fewer_rows_than_threads_share_each_row_on_the_openmp_team(threads, rows, fused_calls, record_calls):
+    """One user (or fewer rows than threads): each row's 24 channels shared out over torch's OpenMP team
+    (12 or 8 per thread): the result of one thread, and of the ops one by one, with padding, at all
+    positions and at the last real item."""
+    launches = record_calls(compiled, "_launch_team")
+    block = block_in(torch.float32)
+    u = torch.randn(rows, 11, 12)
+    lengths = LENGTHS[:rows]
+    mask = torch.arange(11) < lengths.unsqueeze(1)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one_thread = block(u, mask)
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            team = block(u, mask)
+        assert_matches_ops_one_by_one(block, u, lengths, 1e-5)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(launches) == 3 and len(fused_calls) == 4
+    torch.testing.assert_close(team, one_thread, rtol=1e-6, atol=1e-6)

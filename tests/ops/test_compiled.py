@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numba import carray, njit
 
 from recbole_ssm.ops import compiled
 from recbole_ssm.ops.selective_scan import selective_scan
@@ -150,6 +151,104 @@ def test_forked_process_runs_the_kernels_on_threads():
         child.kill()
         pytest.fail("the forked process hung in the compiled kernels")
     assert child.exitcode == 0 and queue.get(timeout=5) < 1e-10
+
+
+@njit(cache=True)
+def _parts_and_barrier(seen, after_barrier, part, parts, barrier):
+    """A team kernel for the tests: each part marks itself in ``seen``, waits for the others, then
+    copies what every part marked into its row of ``after_barrier``."""
+    seen[part] = part + 1
+    compiled.wait(barrier)
+    after_barrier[part, :] = seen
+
+
+def _parts_and_barrier_in_team(data):
+    packed = carray(data, (compiled.TEAM_HEADER + compiled.TEAM_SLOT * 2,))
+    part, parts, barrier = compiled.team_member(packed)
+    _parts_and_barrier(compiled.team_array(packed, 0, np.int64),
+                       compiled.team_array(packed, 1, np.int64).reshape(compiled.team_shape(packed, 1)[:2]),
+                       part, parts, barrier)
+
+
+def run_parts_and_barrier(threads, rows):
+    """(seen, after_barrier) of :func:`_parts_and_barrier` run by ``run_team`` on ``threads`` threads."""
+    seen, after = np.zeros(threads, np.int64), np.zeros((threads, threads), np.int64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compiled.run_team(_parts_and_barrier, _parts_and_barrier_in_team, (seen, after), rows)
+    finally:
+        torch.set_num_threads(previous)
+    return seen, after
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_fewer_rows_than_threads_run_on_torchs_openmp_team_with_barriers(threads, record_calls):
+    """On Linux (torch's parallel backend there is GNU OpenMP, which CI must have), every part runs on
+    torch's OpenMP team, and no part passes the barrier before every part has reached it."""
+    assert sys.platform.startswith("linux") and compiled.openmp_team() is not None, (
+        "torch's OpenMP runtime was not found: " + torch.__config__.parallel_info())
+    launches = record_calls(compiled, "_launch_team")
+    seen, after = run_parts_and_barrier(threads, rows=1)
+    everyone = np.arange(1, threads + 1)
+    assert len(launches) == 1
+    np.testing.assert_array_equal(seen, everyone)
+    np.testing.assert_array_equal(after, np.tile(everyone, (threads, 1)))
+
+
+def test_without_the_team_parts_are_whole_rows_on_the_thread_pool(monkeypatch, record_calls):
+    """As many rows as threads, float64 arguments, or no team (a forked process): parts are whole rows,
+    at most one per row, with no barrier, on the thread pool."""
+    launches = record_calls(compiled, "_launch_team")
+    seen, after = run_parts_and_barrier(3, rows=3)
+    np.testing.assert_array_equal(seen, [1, 2, 3])
+    seen64 = np.zeros(2, np.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compiled.run_team(lambda values, part, parts, barrier: values.__setitem__(part, parts), None, (seen64,), 1)
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(seen64, [1, 0])      # one row: one part
+    monkeypatch.setattr(compiled, "_forked", True)
+    assert compiled.openmp_team() is None
+    seen, after = run_parts_and_barrier(3, rows=2)
+    np.testing.assert_array_equal(seen, [1, 2, 0])
+    assert launches == []
+
+
+def _team_mixer_in_child(queue):
+    from recbole_ssm.ops.ssd_mixer import ssd_mixer_no_grad
+    from tests.modules.test_ssd_mixer import mixer_inputs
+
+    inputs = mixer_inputs(batch=1)
+    torch.set_num_threads(1)
+    one = ssd_mixer_no_grad(**inputs)
+    torch.set_num_threads(2)
+    queue.put((compiled.openmp_team() is None, float((ssd_mixer_no_grad(**inputs) - one).abs().max())))
+
+
+def test_forked_process_does_not_use_the_parents_openmp_team():
+    """After the parent ran a kernel on torch's OpenMP team, a forked process (where GNU OpenMP would
+    wait forever for the parent's threads) runs the kernels without it, and gets the same result."""
+    from recbole_ssm.ops.ssd_mixer import ssd_mixer_no_grad
+    from tests.modules.test_ssd_mixer import mixer_inputs
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ssd_mixer_no_grad(**mixer_inputs(batch=1))
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_team_mixer_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=300)
+    finally:
+        torch.set_num_threads(threads)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked process hung in the compiled kernels")
+    assert child.exitcode == 0 and queue.get(timeout=5) == (True, 0.0)
 
 
 def run_python(code, **env):

@@ -36,10 +36,11 @@ def _preactivation(x_b, taps, bias, before, t, out):
 
 
 @njit(**JIT_OPTIONS)
-def _forward(x, taps, bias, before, use_silu, out, b0, b1):
-    """Rows b0:b1. x, out: (batch, length, channels); taps: (width, channels); bias: (channels,)."""
+def _forward(x, taps, bias, before, use_silu, out, b0, b1, t0, t1):
+    """Rows b0:b1, output positions t0:t1. x, out: (batch, length, channels); taps: (width, channels);
+    bias: (channels,)."""
     for b in range(b0, b1):
-        for t in range(x.shape[1]):
+        for t in range(t0, t1):
             out_t = out[b, t]
             _preactivation(x[b], taps, bias, before, t, out_t)
             if use_silu:
@@ -91,7 +92,9 @@ def _convolve(x, weight, bias, before, use_silu):
     out = empty(inputs[0].shape, dtype)
     arrays = [t.numpy() for t in inputs]
     out_np = out.numpy()
-    run_parts(lambda b0, b1: _forward(*arrays, before, use_silu, out_np, b0, b1), split(x.shape[0], threads()))
+    length = out_np.shape[1]
+    run_parts(lambda b0, b1: _forward(*arrays, before, use_silu, out_np, b0, b1, 0, length),
+              split(x.shape[0], threads()))
     return out, inputs
 
 

@@ -4,10 +4,10 @@ for dt_proj, softplus and the gated selective scan."""
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
+from numba import carray, njit
 
-from recbole_ssm.ops.compiled import (JIT_OPTIONS, LOG2E, as_array, empty, exp32, run_parts, softplus, split,
-                                      threads)
+from recbole_ssm.ops.compiled import (JIT_OPTIONS, LOG2E, TEAM_HEADER, TEAM_SLOT, as_array, empty,
+                                      exp32, run_team, share, softplus, team_array, team_member, team_shape)
 from recbole_ssm.ops.conv.fused import _convolve as convolve
 from recbole_ssm.ops.conv.shifted import padding
 from recbole_ssm.ops.selective_scan.fused_recurrent import _gate, _start_position, _update_states
@@ -38,32 +38,57 @@ def _decay_rates_log2(A_log):
 
 
 @njit(**JIT_OPTIONS)
-def _scan_projected(x, projected, dt_weight, dt_bias, A_log, D, z, positions, out, b0, b1):
-    """Rows b0:b1 from the convolution's output x (batch, length, d) and x_proj's output ``projected``
+def _scan_projected(x, projected, dt_weight, dt_bias, A_log, D, z, positions, out, part, parts, barrier):
+    """From the convolution's output x (batch, length, d) and x_proj's output ``projected``
     (batch, length, r + 2n), [low-rank step sizes, B, C]: dt = softplus(dt_proj(low) + dt_bias),
     the selective scan from a zero state with A = -exp(A_log) (d, n) and the skip term D (d,), gated by
     silu(z). dt_weight (d, r). z, out: (batch, length, d), or (batch, 1, d) at ``positions``
-    (batch,), where each row's scan stops (size 0: every position)."""
-    length, d_inner = x.shape[1], x.shape[2]
+    (batch,), where each row's scan stops (size 0: every position).
+    Part ``part`` of ``parts`` (see :func:`recbole_ssm.ops.compiled.run_team`): whole rows, or with
+    fewer rows than parts, a share of every row's channels (each scanned on its own; ``barrier`` is
+    not needed)."""
+    batch, length, d_inner = x.shape
     rank, n_state = dt_weight.shape[1], A_log.shape[1]
-    weight_T = np.ascontiguousarray(dt_weight.T)             # (r, d)
-    A_log2 = _decay_rates_log2(A_log)                        # (n, d)
-    h = np.empty((n_state, d_inner), x.dtype)
-    dt = np.empty(d_inner, x.dtype)
-    drive = np.empty(d_inner, x.dtype)
-    y = np.empty(d_inner, x.dtype)
+    b0, b1 = share(batch, part, parts) if batch >= parts else (0, batch)
+    c0, c1 = (0, d_inner) if batch >= parts else share(d_inner, part, parts)
+    # The share's parameters as arrays of their own: loops over a sub-range of a row's channels
+    # vectorise worse than loops over whole (contiguous) arrays.
+    weight_T = np.ascontiguousarray(dt_weight[c0:c1].T)     # (r, width)
+    A_log2 = _decay_rates_log2(np.ascontiguousarray(A_log[c0:c1]))  # (n, width)
+    bias, skip = dt_bias[c0:c1], D[c0:c1]
+    h = np.empty((n_state, c1 - c0), x.dtype)
+    dt = np.empty(c1 - c0, x.dtype)
+    drive = np.empty(c1 - c0, x.dtype)
+    y = np.empty(c1 - c0, x.dtype)
     for b in range(b0, b1):
         h[:] = 0
         stop = positions[b] + 1 if positions.shape[0] else length
         for t in range(stop):
             p_t = projected[b, t]
-            _projected_rates(p_t[:rank], weight_T, dt_bias, dt)
-            _start_position(x[b, t], dt, D, drive, y)
+            _projected_rates(p_t[:rank], weight_T, bias, dt)
+            _start_position(x[b, t, c0:c1], dt, skip, drive, y)
             _update_states(h, A_log2, dt, drive, p_t[rank:rank + n_state], p_t[rank + n_state:], y)
             if not positions.shape[0]:
-                _gate(y, z[b, t], out[b, t])
+                _gate(y, z[b, t, c0:c1], out[b, t, c0:c1])
         if positions.shape[0]:
-            _gate(y, z[b, 0], out[b, 0])
+            _gate(y, z[b, 0, c0:c1], out[b, 0, c0:c1])
+
+
+def _scan_projected_in_team(data):
+    """:func:`_scan_projected` on float32 arrays, its arguments unpacked from the team's packed array
+    (a team callback)."""
+    packed = carray(data, (TEAM_HEADER + TEAM_SLOT * 9,))
+
+    def floats(i):
+        return team_array(packed, i, np.float32)
+
+    def dims(i):
+        return team_shape(packed, i)
+
+    part, parts, barrier = team_member(packed)
+    _scan_projected(floats(0).reshape(dims(0)[:3]), floats(1).reshape(dims(1)[:3]), floats(2).reshape(dims(2)[:2]),
+                    floats(3), floats(4).reshape(dims(4)[:2]), floats(5), floats(6).reshape(dims(6)[:3]),
+                    team_array(packed, 7, np.int64), floats(8).reshape(dims(8)[:3]), part, parts, barrier)
 
 
 def selective_mixer_fused(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
@@ -81,5 +106,5 @@ def selective_mixer_fused(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_w
               np.empty(0, np.int64) if positions is None else positions.contiguous().numpy())
     out = empty(z_np.shape, dtype)
     out_np = out.numpy()
-    run_parts(lambda b0, b1: _scan_projected(*inputs, out_np, b0, b1), split(x.shape[0], threads()))
+    run_team(_scan_projected, _scan_projected_in_team, inputs + (out_np,), x.shape[0])
     return (out if positions is None else out[:, 0]).to(x.dtype)

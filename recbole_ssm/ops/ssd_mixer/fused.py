@@ -1,10 +1,12 @@
 """The compiled function of :mod:`recbole_ssm.ops.ssd_mixer`: the kernels of the convolution, the SSD
-scans and the gated RMSNorm called in turn, and its wrapper."""
+scans and the gated RMSNorm called in turn, its team callback, and its wrapper."""
 import numpy as np
 import torch
-from numba import njit
+from numba import carray, njit
 
-from recbole_ssm.ops.compiled import JIT_OPTIONS, as_array, empty, run_parts, split, threads
+from recbole_ssm.ops.compiled import (JIT_OPTIONS, TEAM_HEADER, TEAM_SLOT, as_array, empty,
+                                      run_team, share, team_array, team_float, team_member, team_scalar,
+                                      team_shape, wait)
 from recbole_ssm.ops.conv.fused import _forward as convolve_rows
 from recbole_ssm.ops.conv.shifted import padding
 from recbole_ssm.ops.gated_rmsnorm.fused import _forward as normalise_rows
@@ -13,8 +15,11 @@ from recbole_ssm.ops.ssd.fused_recurrent import _forward as scan_rows, skip_term
 
 @njit(**JIT_OPTIONS)
 def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps, group_size, norm_before_gate,
-         shift, positions, conv_out, x, B, C, dt_scan, skip, y, out, b0, b1):
-    """Rows b0:b1.
+         shift, positions, conv_out, x, B, C, dt_scan, skip, y, out, part, parts, barrier):
+    """Part ``part`` of ``parts`` (see :func:`recbole_ssm.ops.compiled.run_team`): with at least as many
+    rows as parts, whole rows, which need no barrier; with fewer, every row in three phases, shared
+    out by positions (the convolution), heads (the scans) and rows of y (the norm), with a barrier
+    between phases.
 
     xBC (batch, length, d_inner + directions * 2 * g * n): the convolution's input, [x, (B, C) per
     direction]; taps (width, channels), conv_bias (channels,); dt (batch, length, directions, heads),
@@ -30,14 +35,17 @@ def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps
     batch, length, heads, headdim = x.shape
     directions, d_inner = dt.shape[2], heads * headdim
     bc = B.shape[3] * B.shape[4]
-    convolve_rows(xBC, taps, conv_bias, before, True, conv_out, b0, b1)
+    whole_rows = batch >= parts
+    b0, b1 = share(batch, part, parts) if whole_rows else (0, batch)
+    t0, t1 = (0, length) if whole_rows else share(length, part, parts)
+    convolve_rows(xBC, taps, conv_bias, before, True, conv_out, b0, b1, t0, t1)
     # The convolution's output split into the scans' x, B, C and dt, by element loops over rows of
     # arrays reshaped once: slice assignments between views reshaped per position took 1.1x as
     # long in all (Hydra, one user, L = 200).
     x_rows = x.reshape(batch * length, d_inner)
     B_rows, C_rows = B.reshape(directions, batch * length, bc), C.reshape(directions, batch * length, bc)
     for b in range(b0, b1):
-        for t in range(length):
+        for t in range(t0, t1):
             row, x_t = conv_out[b, t], x_rows[b * length + t]
             for c in range(d_inner):
                 x_t[c] = row[c]
@@ -54,14 +62,40 @@ def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps
                 for c in range(d_inner):
                     diagonal += fc_D[h, c] * x_t[c]
                 skip[b, t, h, 0] = diagonal
-        y[b] = 0
+    wait(barrier)
+    h0, h1 = (0, heads) if whole_rows else share(heads, part, parts)
+    for b in range(b0, b1):
+        y[b, :, h0:h1] = 0
     no_states = np.empty((0, 0, 0, 0), x.dtype)
     for i in range(directions):
-        scan_rows(x, dt_scan[i], A, B[i], C[i], skip, i == 0, mask, no_states, no_states, y, b0, b1, 0, heads,
+        scan_rows(x, dt_scan[i], A, B[i], C[i], skip, i == 0, mask, no_states, no_states, y, b0, b1, h0, h1,
                   i == 1, shift, positions)
+    wait(barrier)
     rows = y.shape[1]           # per batch row: length, or 1 at positions
-    normalise_rows(y.reshape(batch * rows, d_inner), z, norm_weight, eps, group_size, norm_before_gate, out,
-                   b0 * rows, b1 * rows)
+    r0, r1 = (b0 * rows, b1 * rows) if whole_rows else share(batch * rows, part, parts)
+    normalise_rows(y.reshape(batch * rows, d_inner), z, norm_weight, eps, group_size, norm_before_gate, out, r0, r1)
+
+
+def _mix_in_team(data):
+    """:func:`_mix` on float32 arrays, its arguments unpacked from
+    :func:`recbole_ssm.ops.compiled.team_arguments` (a team callback)."""
+    packed = carray(data, (TEAM_HEADER + TEAM_SLOT * 24,))
+
+    def floats(i):
+        return team_array(packed, i, np.float32)
+
+    def dims(i):
+        return team_shape(packed, i)
+
+    part, parts, barrier = team_member(packed)
+    _mix(floats(0).reshape(dims(0)[:3]), floats(1).reshape(dims(1)[:2]), floats(2), team_scalar(packed, 3),
+         floats(4).reshape(dims(4)[:4]), floats(5), floats(6), floats(7).reshape(dims(7)[:2]),
+         team_array(packed, 8, np.uint8).view(np.bool_).reshape(dims(8)[:2]), floats(9).reshape(dims(9)[:2]),
+         floats(10), team_float(packed, 11), team_scalar(packed, 12), team_scalar(packed, 13) != 0,
+         team_scalar(packed, 14) != 0, team_array(packed, 15, np.int64), floats(16).reshape(dims(16)[:3]),
+         floats(17).reshape(dims(17)[:4]), floats(18).reshape(dims(18)), floats(19).reshape(dims(19)),
+         floats(20).reshape(dims(20)[:4]), floats(21).reshape(dims(21)[:4]), floats(22).reshape(dims(22)[:4]),
+         floats(23).reshape(dims(23)[:2]), part, parts, barrier)
 
 
 def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weight, norm_weight, eps, group_size,
@@ -93,5 +127,5 @@ def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weigh
             np.empty((batch, 1 if positions is not None else length, heads, headdim), np_dtype))
     out = empty(z.shape, dtype)
     out_np = out.numpy().reshape(-1, d_inner)
-    run_parts(lambda b0, b1: _mix(*inputs, *work, out_np, b0, b1), split(batch, threads()))
+    run_team(_mix, _mix_in_team, inputs + work + (out_np,), batch)
     return out.to(xBC.dtype)
