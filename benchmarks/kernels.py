@@ -127,8 +127,32 @@ def measure(args):
     return rows
 
 
+def one_user_mixer_calls():
+    """{name: a function running a block's compiled path without gradients (the inference path) for
+    one user of length 5}: on two threads, that user's work is shared out over torch's OpenMP team,
+    whose callbacks compile on first use too."""
+    import torch
+
+    from recbole_ssm.ops.selective_mixer import selective_mixer_no_grad
+    from recbole_ssm.ops.ssd_mixer import ssd_mixer_no_grad
+
+    l, bc = 5, 2 * 2 * D_STATE                     # Hydra: (B, C) of two directions
+    mamba = dict(x=torch.randn(1, D_INNER, l), z=torch.randn(1, D_INNER, l), conv_weight=torch.randn(D_INNER, 1, D_CONV),
+                 conv_bias=torch.randn(D_INNER), x_proj_weight=torch.randn(4 + 2 * D_STATE, D_INNER) * 0.1,
+                 dt_proj_weight=torch.randn(D_INNER, 4), dt_proj_bias=torch.randn(D_INNER),
+                 A_log=torch.randn(D_INNER, D_STATE), D=torch.randn(D_INNER))
+    hydra = dict(xBC=torch.randn(1, l, D_INNER + bc), dt=torch.rand(1, l, 2, HEADS), z=torch.randn(1, l, D_INNER),
+                 conv_weight=torch.randn(D_INNER + bc, 1, 7), conv_bias=torch.randn(D_INNER + bc), causal=False,
+                 A=-torch.rand(HEADS), D=torch.randn(HEADS), fc_D_weight=torch.randn(HEADS, D_INNER),
+                 norm_weight=torch.randn(D_INNER), eps=1e-5, group_size=D_INNER, norm_before_gate=True,
+                 headdim=HEADDIM, d_state=D_STATE, ngroups=1)
+    return {"Mamba-1 block without gradients, one user, 2 threads": lambda: selective_mixer_no_grad(**mamba),
+            "Hydra block without gradients, one user, 2 threads": lambda: ssd_mixer_no_grad(**hydra)}
+
+
 def first_calls():
-    """Seconds of each op's first forward + backward call (batch 2, length 5) in this process."""
+    """Seconds of each op's first forward + backward call (batch 2, length 5) in this process, then of
+    the first inference call of a Mamba-1 and a Hydra block for one user on two threads."""
     import torch
 
     seconds = {}
@@ -136,6 +160,11 @@ def first_calls():
         start = time.perf_counter()
         out = run("numba")
         out.backward(torch.ones_like(out))
+        seconds[name] = time.perf_counter() - start
+    torch.set_num_threads(2)
+    for name, run in one_user_mixer_calls().items():
+        start = time.perf_counter()
+        run()
         seconds[name] = time.perf_counter() - start
     return seconds
 
@@ -170,10 +199,13 @@ def render_markdown(report):
         ["op", "BxL", "forward torch (ms)", "forward numba (ms)", "speed-up",
          "fwd+bwd torch (ms)", "fwd+bwd numba (ms)", "speed-up"], rows))
     first = report["first_calls"]
-    lines += ["", "First forward + backward call of each op in a fresh process (seconds): compiling into an "
-              "empty Numba cache, then loading from that cache (`NUMBA_CACHE_DIR`; by default Numba caches "
-              "next to the package, or in its user cache folder when that is not writable). The first op's "
-              "figures include importing Numba; Hydra's mixer runs the SSD kernels, compiled by then.", ""]
+    lines += ["", "First forward + backward call of each op in a fresh process (seconds), then the first "
+              "inference call of two blocks for one user on two threads (their one-call kernels and the "
+              "OpenMP team's callbacks): compiling into an empty Numba cache, then loading from that cache "
+              "(`NUMBA_CACHE_DIR`; by default Numba caches next to the package, or in its user cache folder "
+              "when that is not writable). The first op's figures include importing Numba; Hydra's mixer "
+              "runs the SSD kernels, compiled by then, and the blocks reuse the kernels compiled before them.",
+              ""]
     lines.append(common.markdown_table(["op", "compile (s)", "load from cache (s)"], [
         [name, f"{first['compile'][name]:.2f}", f"{first['load_from_cache'][name]:.2f}"] for name in first["compile"]]
         + [["total", f"{sum(first['compile'].values()):.1f}", f"{sum(first['load_from_cache'].values()):.1f}"]]))

@@ -116,11 +116,13 @@ def test_speedup_rejects_fewer_max_rounds_than_rounds(capsys):
 
 
 def test_kernels_smoke(tmp_path):
-    """Both backends of every op, and the first calls compiled into an empty cache then loaded from it."""
+    """Both backends of every op, and the first calls (each op's, then two blocks' inference for one user
+    on two threads) compiled into an empty cache then loaded from it."""
     run_benchmark("kernels", "--shapes", "2x6", "--rounds", "1", "--output-dir", str(tmp_path))
     report = json.loads((tmp_path / "kernels.json").read_text())
     ops = {row["op"] for row in report["rows"]}
-    assert len(ops) == 5 and set(report["first_calls"]["compile"]) == ops
+    blocks = {"Mamba-1 block without gradients, one user, 2 threads", "Hydra block without gradients, one user, 2 threads"}
+    assert len(ops) == 5 and set(report["first_calls"]["compile"]) == ops | blocks
     for row in report["rows"]:
         for kind in ("forward", "forward_backward"):
             assert row[kind]["torch"]["median"] > 0 and row[kind]["numba"]["median"] > 0
