@@ -99,11 +99,11 @@ def test_bfloat16_block_computes_in_float32_and_returns_its_dtype(fused_calls):
     torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("threads,rows", [(2, 1), (3, 1), (3, 2)])
-def test_fewer_rows_than_threads_share_each_row_on_the_openmp_team(threads, rows, fused_calls, record_calls):
-    """One user (or fewer rows than threads): each row's 24 channels shared out over torch's OpenMP team
-    (12 or 8 per thread): the result of one thread, and of the ops one by one, with padding, at all
-    positions and at the last real item."""
+@pytest.mark.parametrize("threads,rows", [(2, 1), (3, 1), (3, 2), (2, 4)])
+def test_on_the_openmp_team_equals_one_thread_and_the_ops_one_by_one(threads, rows, fused_calls, record_calls):
+    """On torch's OpenMP team, one user or fewer rows than threads (each row's 24 channels shared out,
+    12 or 8 per thread) or whole rows per thread: the result of one thread, and of the ops one by
+    one, with padding, at all positions and at the last real item."""
     launches = record_calls(compiled, "_launch_team")
     block = block_in(torch.float32)
     u = torch.randn(rows, 11, 12)

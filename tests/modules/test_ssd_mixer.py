@@ -77,13 +77,14 @@ def mixer_inputs(batch, length=9, heads=3, headdim=4, d_state=5, ngroups=1, dire
                 headdim=headdim, d_state=d_state, ngroups=ngroups, mask=mask)
 
 
-@pytest.mark.parametrize("threads,rows", [(2, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize("threads,rows", [(2, 1), (3, 1), (3, 2), (2, 3)])
 @pytest.mark.parametrize("name", BLOCKS)
-def test_fewer_rows_than_threads_share_each_row_on_the_openmp_team(name, threads, rows, fused_calls,
-                                                                   record_calls):
-    """One user (or fewer rows than threads): each row's positions, heads and norm rows shared out over
-    torch's OpenMP team (3 heads on 2 or 3 threads, 1 to 11 positions per row): the result of one
-    thread, and of the ops one by one, with padding, at all positions and at the last real item."""
+def test_on_the_openmp_team_equals_one_thread_and_the_ops_one_by_one(name, threads, rows, fused_calls,
+                                                                     record_calls):
+    """On torch's OpenMP team, one user or fewer rows than threads (each row's positions, heads and norm
+    rows shared out: 3 heads on 2 or 3 threads, 1 to 11 positions per row) or whole rows per thread:
+    the result of one thread, and of the ops one by one, with padding, at all positions and at the
+    last real item."""
     launches = record_calls(compiled, "_launch_team")
     block = block_in(name, "auto", torch.float32)
     u = torch.randn(rows, 11, REFERENCES[name].D_MODEL)

@@ -182,14 +182,15 @@ def run_parts_and_barrier(threads, rows):
     return seen, after
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_fewer_rows_than_threads_run_on_torchs_openmp_team_with_barriers(threads, record_calls):
+@pytest.mark.parametrize("threads,rows", [(2, 1), (3, 1), (3, 5)])
+def test_parts_run_on_torchs_openmp_team_with_barriers(threads, rows, record_calls):
     """On Linux (torch's parallel backend there is GNU OpenMP, which CI must have), every part runs on
-    torch's OpenMP team, and no part passes the barrier before every part has reached it."""
+    torch's OpenMP team, with fewer rows than threads or more, and no part passes the barrier before
+    every part has reached it."""
     assert sys.platform.startswith("linux") and compiled.openmp_team() is not None, (
         "torch's OpenMP runtime was not found: " + torch.__config__.parallel_info())
     launches = record_calls(compiled, "_launch_team")
-    seen, after = run_parts_and_barrier(threads, rows=1)
+    seen, after = run_parts_and_barrier(threads, rows)
     everyone = np.arange(1, threads + 1)
     assert len(launches) == 1
     np.testing.assert_array_equal(seen, everyone)
@@ -197,11 +198,9 @@ def test_fewer_rows_than_threads_run_on_torchs_openmp_team_with_barriers(threads
 
 
 def test_without_the_team_parts_are_whole_rows_on_the_thread_pool(monkeypatch, record_calls):
-    """As many rows as threads, float64 arguments, or no team (a forked process): parts are whole rows,
-    at most one per row, with no barrier, on the thread pool."""
+    """float64 arguments, or no team (a forked process): parts are whole rows, at most one per row,
+    with no barrier, on the thread pool."""
     launches = record_calls(compiled, "_launch_team")
-    seen, after = run_parts_and_barrier(3, rows=3)
-    np.testing.assert_array_equal(seen, [1, 2, 3])
     seen64 = np.zeros(2, np.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -214,6 +213,8 @@ def test_without_the_team_parts_are_whole_rows_on_the_thread_pool(monkeypatch, r
     assert compiled.openmp_team() is None
     seen, after = run_parts_and_barrier(3, rows=2)
     np.testing.assert_array_equal(seen, [1, 2, 0])
+    seen, after = run_parts_and_barrier(3, rows=3)
+    np.testing.assert_array_equal(seen, [1, 2, 3])
     assert launches == []
 
 
