@@ -137,8 +137,9 @@ def one_user_mixer_calls():
     from recbole_ssm.ops.ssd_mixer import ssd_mixer_no_grad
 
     l, bc = 5, 2 * 2 * D_STATE                     # Hydra: (B, C) of two directions
-    mamba = dict(x=torch.randn(1, D_INNER, l), z=torch.randn(1, D_INNER, l), conv_weight=torch.randn(D_INNER, 1, D_CONV),
-                 conv_bias=torch.randn(D_INNER), x_proj_weight=torch.randn(4 + 2 * D_STATE, D_INNER) * 0.1,
+    mamba = dict(x=torch.randn(1, D_INNER, l), z=torch.randn(1, D_INNER, l),
+                 conv_weight=torch.randn(D_INNER, 1, D_CONV), conv_bias=torch.randn(D_INNER),
+                 x_proj_weight=torch.randn(4 + 2 * D_STATE, D_INNER) * 0.1,
                  dt_proj_weight=torch.randn(D_INNER, 4), dt_proj_bias=torch.randn(D_INNER),
                  A_log=torch.randn(D_INNER, D_STATE), D=torch.randn(D_INNER))
     hydra = dict(xBC=torch.randn(1, l, D_INNER + bc), dt=torch.rand(1, l, 2, HEADS), z=torch.randn(1, l, D_INNER),

@@ -274,9 +274,9 @@ def threads():
 # ``kernel(*arguments, part, parts, barrier)``: the kernel shares its work out by ``part`` of
 # ``parts`` and passes ``barrier`` to :func:`wait` between its phases. The split changes results by
 # float rounding at most (a channel's arithmetic is the same, but whether it falls in a vector
-# loop's body or its remainder may change which multiply-adds are fused). A forked process, where the parent's OpenMP threads
-# do not exist (GNU OpenMP then waits for them forever, as torch's own operators do), uses the
-# thread pool.
+# loop's body or its remainder may change which multiply-adds are fused). A forked process, where
+# the parent's OpenMP threads do not exist (GNU OpenMP then waits for them forever, as torch's own
+# operators do), uses the thread pool.
 _forked = False
 
 
@@ -421,6 +421,12 @@ def team_array(packed, i, dtype):
     slot = TEAM_HEADER + TEAM_SLOT * i
     size = packed[slot + 1] * packed[slot + 2] * packed[slot + 3] * packed[slot + 4] * packed[slot + 5]
     return carray(_pointer(packed[slot], dtype), (size,))
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def team_floats(packed, i):
+    """Argument ``i`` of a float32 team callback as a flat float32 array (see :func:`team_array`)."""
+    return team_array(packed, i, np.float32)
 
 
 @njit(inline="always", **JIT_OPTIONS)

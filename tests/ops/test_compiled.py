@@ -136,21 +136,30 @@ def _scan_in_child(queue):
 def test_forked_process_runs_the_kernels_on_threads():
     """A process forked after the parent used the thread pool (as DataLoader workers are) runs the
     kernels on threads of its own instead of waiting for the parent's."""
+    result = in_forked_child(lambda: selective_scan(**random_inputs(batch=4, length=9), delta_softplus=True,
+                                                    backend="numba"), _scan_in_child)
+    assert result < 1e-10
+
+
+def in_forked_child(parent_call, child_target, timeout=300):
+    """What ``child_target(queue)`` puts on its queue in a process forked after ``parent_call()`` ran
+    on two threads; fails if the child hangs or exits with an error."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        selective_scan(**random_inputs(batch=4, length=9), delta_softplus=True, backend="numba")
+        parent_call()
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
-        child = context.Process(target=_scan_in_child, args=(queue,))
+        child = context.Process(target=child_target, args=(queue,))
         child.start()
-        child.join(timeout=120)
+        child.join(timeout=timeout)
     finally:
         torch.set_num_threads(threads)
     if child.is_alive():
         child.kill()
         pytest.fail("the forked process hung in the compiled kernels")
-    assert child.exitcode == 0 and queue.get(timeout=5) < 1e-10
+    assert child.exitcode == 0
+    return queue.get(timeout=5)
 
 
 @njit(cache=True)
@@ -235,21 +244,7 @@ def test_forked_process_does_not_use_the_parents_openmp_team():
     from recbole_ssm.ops.ssd_mixer import ssd_mixer_no_grad
     from tests.modules.test_ssd_mixer import mixer_inputs
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        ssd_mixer_no_grad(**mixer_inputs(batch=1))
-        context = multiprocessing.get_context("fork")
-        queue = context.Queue()
-        child = context.Process(target=_team_mixer_in_child, args=(queue,))
-        child.start()
-        child.join(timeout=300)
-    finally:
-        torch.set_num_threads(threads)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked process hung in the compiled kernels")
-    assert child.exitcode == 0 and queue.get(timeout=5) == (True, 0.0)
+    assert in_forked_child(lambda: ssd_mixer_no_grad(**mixer_inputs(batch=1)), _team_mixer_in_child) == (True, 0.0)
 
 
 def run_python(code, **env):

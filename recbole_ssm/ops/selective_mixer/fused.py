@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from numba import carray, njit
 
 from recbole_ssm.ops.compiled import (JIT_OPTIONS, LOG2E, TEAM_HEADER, TEAM_SLOT, as_array, empty,
-                                      exp32, run_team, share, softplus, team_array, team_member, team_shape)
+                                      exp32, run_team, share, softplus, team_array, team_floats, team_member,
+                                      team_shape)
 from recbole_ssm.ops.conv.fused import _convolve as convolve
 from recbole_ssm.ops.conv.shifted import padding
 from recbole_ssm.ops.selective_scan.fused_recurrent import _gate, _start_position, _update_states
@@ -78,17 +79,15 @@ def _scan_projected_in_team(data):
     """:func:`_scan_projected` on float32 arrays, its arguments unpacked from the team's packed array
     (a team callback)."""
     packed = carray(data, (TEAM_HEADER + TEAM_SLOT * 9,))
-
-    def floats(i):
-        return team_array(packed, i, np.float32)
-
-    def dims(i):
-        return team_shape(packed, i)
-
     part, parts, barrier = team_member(packed)
-    _scan_projected(floats(0).reshape(dims(0)[:3]), floats(1).reshape(dims(1)[:3]), floats(2).reshape(dims(2)[:2]),
-                    floats(3), floats(4).reshape(dims(4)[:2]), floats(5), floats(6).reshape(dims(6)[:3]),
-                    team_array(packed, 7, np.int64), floats(8).reshape(dims(8)[:3]), part, parts, barrier)
+    x, projected, dt_weight, dt_bias, A_log, D, z, positions, out = (
+        team_floats(packed, 0).reshape(team_shape(packed, 0)[:3]),
+        team_floats(packed, 1).reshape(team_shape(packed, 1)[:3]),
+        team_floats(packed, 2).reshape(team_shape(packed, 2)[:2]), team_floats(packed, 3),
+        team_floats(packed, 4).reshape(team_shape(packed, 4)[:2]), team_floats(packed, 5),
+        team_floats(packed, 6).reshape(team_shape(packed, 6)[:3]), team_array(packed, 7, np.int64),
+        team_floats(packed, 8).reshape(team_shape(packed, 8)[:3]))
+    _scan_projected(x, projected, dt_weight, dt_bias, A_log, D, z, positions, out, part, parts, barrier)
 
 
 def selective_mixer_fused(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,

@@ -5,8 +5,8 @@ import torch
 from numba import carray, njit
 
 from recbole_ssm.ops.compiled import (JIT_OPTIONS, TEAM_HEADER, TEAM_SLOT, as_array, empty,
-                                      run_team, share, team_array, team_float, team_member, team_scalar,
-                                      team_shape, wait)
+                                      run_team, share, team_array, team_float, team_floats, team_member,
+                                      team_scalar, team_shape, wait)
 from recbole_ssm.ops.conv.fused import _forward as convolve_rows
 from recbole_ssm.ops.conv.shifted import padding
 from recbole_ssm.ops.gated_rmsnorm.fused import _forward as normalise_rows
@@ -81,21 +81,19 @@ def _mix_in_team(data):
     :func:`recbole_ssm.ops.compiled.team_arguments` (a team callback)."""
     packed = carray(data, (TEAM_HEADER + TEAM_SLOT * 24,))
 
-    def floats(i):
-        return team_array(packed, i, np.float32)
-
     def dims(i):
         return team_shape(packed, i)
 
     part, parts, barrier = team_member(packed)
-    _mix(floats(0).reshape(dims(0)[:3]), floats(1).reshape(dims(1)[:2]), floats(2), team_scalar(packed, 3),
-         floats(4).reshape(dims(4)[:4]), floats(5), floats(6), floats(7).reshape(dims(7)[:2]),
-         team_array(packed, 8, np.uint8).view(np.bool_).reshape(dims(8)[:2]), floats(9).reshape(dims(9)[:2]),
-         floats(10), team_float(packed, 11), team_scalar(packed, 12), team_scalar(packed, 13) != 0,
-         team_scalar(packed, 14) != 0, team_array(packed, 15, np.int64), floats(16).reshape(dims(16)[:3]),
-         floats(17).reshape(dims(17)[:4]), floats(18).reshape(dims(18)), floats(19).reshape(dims(19)),
-         floats(20).reshape(dims(20)[:4]), floats(21).reshape(dims(21)[:4]), floats(22).reshape(dims(22)[:4]),
-         floats(23).reshape(dims(23)[:2]), part, parts, barrier)
+    f = team_floats
+    _mix(f(packed, 0).reshape(dims(0)[:3]), f(packed, 1).reshape(dims(1)[:2]), f(packed, 2), team_scalar(packed, 3),
+         f(packed, 4).reshape(dims(4)[:4]), f(packed, 5), f(packed, 6), f(packed, 7).reshape(dims(7)[:2]),
+         team_array(packed, 8, np.uint8).view(np.bool_).reshape(dims(8)[:2]), f(packed, 9).reshape(dims(9)[:2]),
+         f(packed, 10), team_float(packed, 11), team_scalar(packed, 12), team_scalar(packed, 13) != 0,
+         team_scalar(packed, 14) != 0, team_array(packed, 15, np.int64), f(packed, 16).reshape(dims(16)[:3]),
+         f(packed, 17).reshape(dims(17)[:4]), f(packed, 18).reshape(dims(18)), f(packed, 19).reshape(dims(19)),
+         f(packed, 20).reshape(dims(20)[:4]), f(packed, 21).reshape(dims(21)[:4]), f(packed, 22).reshape(dims(22)[:4]),
+         f(packed, 23).reshape(dims(23)[:2]), part, parts, barrier)
 
 
 def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weight, norm_weight, eps, group_size,
