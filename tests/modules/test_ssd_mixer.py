@@ -104,17 +104,18 @@ def test_on_the_openmp_team_equals_one_thread_and_the_ops_one_by_one(name, threa
     torch.testing.assert_close(team, one_thread, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("length", [1, 2, 7])
 @pytest.mark.parametrize("directions", [1, 2])
-def test_team_shares_of_short_rows_and_odd_sizes(directions, length):
-    """Shares that are empty (a row of one or two positions on three threads) or uneven (4 heads in 2
-    groups on three threads)."""
+def test_team_shares_of_short_rows_and_odd_sizes(directions, length, threads):
+    """Shares that are empty (a row of one or two positions on two or three threads) or uneven (4 heads
+    in 2 groups on three threads); Hydra's two directions on two threads, one each."""
     inputs = mixer_inputs(batch=1, length=length, heads=4, ngroups=2, directions=directions)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one_thread = ssd_mixer_no_grad(**inputs)
-        torch.set_num_threads(3)
+        torch.set_num_threads(threads)
         team = ssd_mixer_no_grad(**inputs)
     finally:
         torch.set_num_threads(previous)
