@@ -416,7 +416,7 @@ def _bits_of_float64(typingctx, value):
 
 @njit(inline="always", **JIT_OPTIONS)
 def team_array(packed, i, dtype):
-    """Argument ``i`` of :func:`team_arguments` as a flat array of ``dtype``; reshape it with
+    """Argument ``i`` of the packed array (:func:`_launch_team`) as a flat array of ``dtype``; reshape it with
     :func:`team_shape` (booleans: read as ``np.uint8`` and viewed as ``np.bool_``)."""
     slot = TEAM_HEADER + TEAM_SLOT * i
     size = packed[slot + 1] * packed[slot + 2] * packed[slot + 3] * packed[slot + 4] * packed[slot + 5]

@@ -97,23 +97,25 @@ def _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps
 
 
 def _mix_in_team(data):
-    """:func:`_mix` on float32 arrays, its arguments unpacked from
-    :func:`recbole_ssm.ops.compiled.team_arguments` (a team callback)."""
+    """:func:`_mix` on float32 arrays, its arguments unpacked, in its order, from the team's packed
+    array (a team callback)."""
     packed = carray(data, (TEAM_HEADER + TEAM_SLOT * 25,))
 
-    def dims(i):
-        return team_shape(packed, i)
+    def floats(i, ndim):
+        return team_floats(packed, i).reshape(team_shape(packed, i)[:ndim])
 
     part, parts, barrier = team_member(packed)
-    f = team_floats
-    _mix(f(packed, 0).reshape(dims(0)[:3]), f(packed, 1).reshape(dims(1)[:2]), f(packed, 2), team_scalar(packed, 3),
-         f(packed, 4).reshape(dims(4)[:4]), f(packed, 5), f(packed, 6), f(packed, 7).reshape(dims(7)[:2]),
-         team_array(packed, 8, np.uint8).view(np.bool_).reshape(dims(8)[:2]), f(packed, 9).reshape(dims(9)[:2]),
-         f(packed, 10), team_float(packed, 11), team_scalar(packed, 12), team_scalar(packed, 13) != 0,
-         team_scalar(packed, 14) != 0, team_array(packed, 15, np.int64), f(packed, 16).reshape(dims(16)[:3]),
-         f(packed, 17).reshape(dims(17)[:4]), f(packed, 18).reshape(dims(18)), f(packed, 19).reshape(dims(19)),
-         f(packed, 20).reshape(dims(20)[:4]), f(packed, 21).reshape(dims(21)[:4]), f(packed, 22).reshape(dims(22)[:4]),
-         f(packed, 23).reshape(dims(23)[:4]), f(packed, 24).reshape(dims(24)[:2]), part, parts, barrier)
+    xBC, taps, conv_bias, before = floats(0, 3), floats(1, 2), team_floats(packed, 2), team_scalar(packed, 3)
+    dt, A, D, fc_D = floats(4, 4), team_floats(packed, 5), team_floats(packed, 6), floats(7, 2)
+    mask = team_array(packed, 8, np.uint8).view(np.bool_).reshape(team_shape(packed, 8)[:2])
+    z, norm_weight = floats(9, 2), team_floats(packed, 10)
+    eps, group_size, norm_before_gate = team_float(packed, 11), team_scalar(packed, 12), team_scalar(packed, 13) != 0
+    shift, positions = team_scalar(packed, 14) != 0, team_array(packed, 15, np.int64)
+    conv_out, x, B, C = floats(16, 3), floats(17, 4), floats(18, 5), floats(19, 5)
+    dt_scan, skip = floats(20, 4), floats(21, 4)
+    y, y_reverse, out = floats(22, 4), floats(23, 4), floats(24, 2)
+    _mix(xBC, taps, conv_bias, before, dt, A, D, fc_D, mask, z, norm_weight, eps, group_size, norm_before_gate, shift,
+         positions, conv_out, x, B, C, dt_scan, skip, y, y_reverse, out, part, parts, barrier)
 
 
 def ssd_mixer_fused(xBC, dt, z, conv_weight, conv_bias, causal, A, D, fc_D_weight, norm_weight, eps, group_size,
